@@ -1,0 +1,91 @@
+"""Calibration statistics: per tensor, per timestep, per channel running min / max.
+
+The timestep is an explicit key: an observer placed in the graph receives the ``timestep`` input next
+to the activation and files every row of the batch under its own timestep, so statistics never depend
+on call order. Only running reductions are kept (two vectors of channel width per tensor and timestep),
+never activations, so memory stays bounded however long calibration runs.
+
+Phases: *collect* (observers in the graph, see ``passes/calibrate.py``), then *compute* (recipes read
+``range_over`` for the timesteps of a group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import CalibrationError
+
+
+@dataclass
+class TimestepStats:
+    channel_min: torch.Tensor
+    channel_max: torch.Tensor
+    rows: int
+
+
+@dataclass
+class TensorStats:
+    """Statistics of one quantized input tensor, keyed by timestep."""
+
+    key: str
+    consumers: list[str]
+    per_timestep: dict[int, TimestepStats] = field(default_factory=dict)
+
+    def update(self, x: torch.Tensor, timestep: torch.Tensor) -> None:
+        x = x.detach().to(torch.float32)
+        if not torch.isfinite(x).all():
+            raise CalibrationError(
+                f"non-finite activation (NaN or inf) at the input of {', '.join(self.consumers)} "
+                f"at timestep(s) {sorted(set(timestep.tolist()))}; check the checkpoint's weights"
+            )
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, channels]
+        row_min, row_max = rows.amin(dim=1), rows.amax(dim=1)
+        for t in torch.unique(timestep).tolist():
+            mask = timestep == t
+            lo, hi = row_min[mask].amin(dim=0), row_max[mask].amax(dim=0)
+            entry = self.per_timestep.get(int(t))
+            if entry is None:
+                self.per_timestep[int(t)] = TimestepStats(lo.clone(), hi.clone(), int(mask.sum()))
+            else:
+                torch.minimum(entry.channel_min, lo, out=entry.channel_min)
+                torch.maximum(entry.channel_max, hi, out=entry.channel_max)
+                entry.rows += int(mask.sum())
+
+    @property
+    def timesteps(self) -> list[int]:
+        return sorted(self.per_timestep)
+
+    def range_over(self, timesteps: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (min, max) over the given timesteps (all when None)."""
+        chosen = self.timesteps if timesteps is None else [t for t in timesteps if t in self.per_timestep]
+        if not chosen:
+            raise CalibrationError(f"no calibration statistics for {self.key} at the requested timesteps")
+        lo = torch.stack([self.per_timestep[t].channel_min for t in chosen]).amin(dim=0)
+        hi = torch.stack([self.per_timestep[t].channel_max for t in chosen]).amax(dim=0)
+        return lo, hi
+
+
+@dataclass
+class ActivationStats:
+    tensors: dict[str, TensorStats] = field(default_factory=dict)
+    # Trajectory description, recorded in the manifest.
+    timesteps: list[int] = field(default_factory=list)
+
+    def get(self, key: str) -> TensorStats:
+        if key not in self.tensors:
+            raise CalibrationError(f"no calibration statistics recorded for tensor {key}")
+        return self.tensors[key]
+
+
+class ActivationObserver(torch.nn.Module):
+    """Identity on ``x``; records ``x``'s statistics under each row's timestep."""
+
+    def __init__(self, stats: TensorStats):
+        super().__init__()
+        self.stats = stats
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        self.stats.update(x, timestep)
+        return x

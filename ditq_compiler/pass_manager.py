@@ -1,0 +1,169 @@
+"""Pass infrastructure: named graph passes that report what they changed, run by a pass manager that
+checks the graph after every pass and hands each step to instruments (dumps, timing).
+
+Modelled on onnx-ir's ``PassBase``/``PassResult`` and TVM's pass instruments:
+
+* a pass is a small named unit; ``run`` returns a :class:`PassResult` whose ``modified`` is honest and
+  whose ``summary`` is a count a user can read;
+* every ditq pass mutates the ``GraphModule`` it is given in place (``in_place = True``) and says so;
+* preconditions are checked before a pass runs and fail with an error naming the pass;
+* after each pass the graph is linted, and a pass that declares ``preserves_semantics`` has its output
+  compared with the previous graph's on the context's check inputs;
+* dumps and timings come from instruments, never from prints inside passes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Sequence
+
+import torch
+from torch import fx
+
+if TYPE_CHECKING:
+    from .context import CompileContext
+
+
+@dataclass
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+    summary: str
+    details: list[str] = field(default_factory=list)
+
+
+class GraphPass:
+    """Base class of ditq's graph passes."""
+
+    name: ClassVar[str] = "unnamed"
+    # True: the pass must not change the function the graph computes (checked numerically).
+    preserves_semantics: ClassVar[bool] = True
+    in_place: ClassVar[bool] = True
+
+    def check_preconditions(self, gm: fx.GraphModule, ctx: "CompileContext") -> None:
+        """Raise :class:`PassPreconditionError` when the pass cannot run."""
+
+    def run(self, gm: fx.GraphModule, ctx: "CompileContext") -> PassResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"
+
+
+class PassInstrument:
+    def before_pipeline(self, gm: fx.GraphModule, ctx: "CompileContext") -> None:
+        pass
+
+    def after_pass(self, index: int, graph_pass: GraphPass, result: PassResult, seconds: float,
+                   ctx: "CompileContext") -> None:
+        pass
+
+    def after_pipeline(self, gm: fx.GraphModule, ctx: "CompileContext") -> None:
+        pass
+
+
+class NumericsMismatch(RuntimeError):
+    """A pass that promised not to change the function changed it: a ditq bug, not a user error."""
+
+
+@dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    summary: str
+    seconds: float
+
+
+class PassManager:
+    def __init__(self, passes: Sequence[GraphPass], instruments: Sequence[PassInstrument] = (),
+                 numerics_rtol: float = 1e-4):
+        self.passes = list(passes)
+        self.instruments = list(instruments)
+        self.numerics_rtol = numerics_rtol
+        self.records: list[PassRecord] = []
+
+    def run(self, gm: fx.GraphModule, ctx: "CompileContext") -> fx.GraphModule:
+        for instrument in self.instruments:
+            instrument.before_pipeline(gm, ctx)
+        for index, graph_pass in enumerate(self.passes, start=1):
+            graph_pass.check_preconditions(gm, ctx)
+            reference = _evaluate(gm, ctx.check_inputs) if graph_pass.preserves_semantics else None
+            start = time.perf_counter()
+            result = graph_pass.run(gm, ctx)
+            seconds = time.perf_counter() - start
+            gm = result.graph_module
+            gm.graph.lint()
+            gm.recompile()
+            if reference is not None and result.modified:
+                self._check_numerics(graph_pass, reference, _evaluate(gm, ctx.check_inputs))
+            self.records.append(PassRecord(graph_pass.name, result.modified, result.summary, seconds))
+            for instrument in self.instruments:
+                instrument.after_pass(index, graph_pass, result, seconds, ctx)
+        for instrument in self.instruments:
+            instrument.after_pipeline(gm, ctx)
+        return gm
+
+    def _check_numerics(self, graph_pass: GraphPass, before: torch.Tensor, after: torch.Tensor) -> None:
+        error = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+        if not error <= self.numerics_rtol:
+            raise NumericsMismatch(
+                f"pass '{graph_pass.name}' declares it preserves semantics but changed the output "
+                f"(max error {error:.2e} relative to max |out|, tolerance {self.numerics_rtol:.0e})"
+            )
+
+
+def _evaluate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    with torch.no_grad():
+        return gm(*inputs)
+
+
+def op_histogram(gm: fx.GraphModule) -> Counter:
+    counts: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            counts[str(node.target)] += 1
+        elif node.op == "call_module":
+            counts[f"module:{type(gm.get_submodule(node.target)).__name__}"] += 1
+    return counts
+
+
+class DumpInstrument(PassInstrument):
+    """Writes ``000_traced.txt``, then ``NNN_<pass>.txt`` after each pass, then ``timings.txt``.
+
+    Each dump holds the pass's summary and per-node decisions, the op histogram and the graph's code.
+    """
+
+    def __init__(self, dump_dir: str | Path):
+        self.dump_dir = Path(dump_dir)
+        self.timings: list[tuple[str, float, bool, str]] = []
+
+    def before_pipeline(self, gm, ctx):
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        self._write(0, "traced", "graph as traced by torch.export", [], gm)
+
+    def after_pass(self, index, graph_pass, result, seconds, ctx):
+        self.timings.append((graph_pass.name, seconds, result.modified, result.summary))
+        header = f"{result.summary}\nmodified: {result.modified}   time: {seconds:.3f} s"
+        self._write(index, graph_pass.name, header, result.details, result.graph_module)
+
+    def after_pipeline(self, gm, ctx):
+        total = sum(t for _, t, _, _ in self.timings)
+        width = max([len(n) for n, *_ in self.timings] + [4])
+        lines = [f"{'pass':<{width}}  {'seconds':>9}  {'share':>6}  modified  summary"]
+        for name, seconds, modified, summary in self.timings:
+            share = seconds / total if total else 0.0
+            lines.append(f"{name:<{width}}  {seconds:9.3f}  {share:6.1%}  {str(modified):<8}  {summary}")
+        lines.append(f"{'total':<{width}}  {total:9.3f}")
+        (self.dump_dir / "timings.txt").write_text("\n".join(lines) + "\n")
+
+    def _write(self, index: int, name: str, header: str, details: list[str], gm: fx.GraphModule) -> None:
+        histogram = op_histogram(gm)
+        parts = [f"# {index:03d} {name}", header, ""]
+        if details:
+            parts += ["## decisions", *details, ""]
+        parts += ["## ops", *(f"{count:5d}  {op}" for op, count in sorted(histogram.items())), ""]
+        parts += ["## graph", gm.code]
+        (self.dump_dir / f"{index:03d}_{name}.txt").write_text("\n".join(parts))

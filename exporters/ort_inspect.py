@@ -1,0 +1,95 @@
+"""What ONNX Runtime actually runs: the optimized graph, and which quantized layers it fused.
+
+A layer counts as fused when the node that reads its int8 weight initializer
+(``<layer>.weight_quantized``) in ONNX Runtime's optimized graph is an integer kernel. A layer whose
+weight reaches a float ``MatMul``/``Gemm`` through a ``DequantizeLinear`` is simulated, not quantized.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+FUSED_INT8_OPS = frozenset({
+    "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul",
+    "QAttention", "MatMulNBits", "QLinearConv",
+})
+
+
+@dataclass
+class FusionReport:
+    provider: str
+    # layer -> op type reading its int8 weight in the optimized graph
+    layer_ops: dict[str, str] = field(default_factory=dict)
+    op_counts: Counter = field(default_factory=Counter)
+
+    @property
+    def unfused(self) -> dict[str, str]:
+        return {layer: op for layer, op in self.layer_ops.items() if op not in FUSED_INT8_OPS}
+
+    @property
+    def all_fused(self) -> bool:
+        return bool(self.layer_ops) and not self.unfused
+
+    def to_manifest(self) -> dict:
+        return {
+            "provider": self.provider,
+            "fused_layers": sum(op in FUSED_INT8_OPS for op in self.layer_ops.values()),
+            "quantized_layers": len(self.layer_ops),
+            "kernels": dict(Counter(self.layer_ops.values())),
+            "unfused": self.unfused,
+        }
+
+
+def optimized_model(model_path: str | Path, provider: str = "CPUExecutionProvider") -> onnx.ModelProto:
+    """The graph ONNX Runtime runs after all its optimizations, for ``provider``."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="ditq-ort-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         "optimized.onnx.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                         str(1 << 20))
+        ort.InferenceSession(str(model_path), options, providers=[provider])
+        return onnx.load(options.optimized_model_filepath, load_external_data=False)
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:  # If / Loop bodies
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)
+            for sub in attribute.graphs:
+                yield from _all_nodes(sub)
+
+
+def fusion_report(model_path: str | Path, layers: list[str], provider: str = "CPUExecutionProvider") -> FusionReport:
+    optimized = optimized_model(model_path, provider)
+    nodes = list(_all_nodes(optimized.graph))
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    report = FusionReport(provider=provider, op_counts=Counter(n.op_type for n in nodes))
+    for layer in layers:
+        weight = f"{layer}.weight_quantized"
+        ops = [n.op_type for n in readers.get(weight, [])]
+        if not ops:
+            report.layer_ops[layer] = "missing"
+            continue
+        op = ops[0]
+        if op == "DequantizeLinear":  # not fused: follow the float weight to its consumer
+            dq = readers[weight][0]
+            consumers = [c.op_type for c in readers.get(dq.output[0], [])]
+            op = f"float {consumers[0] if consumers else 'DequantizeLinear'}"
+        report.layer_ops[layer] = op
+    return report

@@ -1,0 +1,83 @@
+"""Calibration: run the FP graph along real sampling trajectories and record activation statistics.
+
+Observers are inserted after every tensor that an annotated layer reads, each observer also reading the
+graph's ``timestep`` input, so statistics are filed under the timestep of every row. The trajectories
+are the checkpoint's own scheduler with ``calibration.steps`` sampling steps, ``calibration.samples``
+(noise, class) pairs and classifier-free guidance as DiT samples them (conditional and null-class halves
+in one batch). The observers are removed afterwards: the graph leaves this pass as it came in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..calibration import ActivationObserver, ActivationStats, TensorStats
+from ..errors import PassPreconditionError
+from ..pass_manager import GraphPass, PassResult
+from ..progress import track
+from ..qspec import SPEC_KEY
+from ..sampling import iterate_sampling
+
+_OBSERVER_PREFIX = "ditq_observer_"
+
+
+def annotated_inputs(gm) -> dict[str, list[str]]:
+    """input tensor name -> layers that read it, for every annotated linear."""
+    readers: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        spec = node.meta.get(SPEC_KEY)
+        if spec is not None:
+            readers.setdefault(spec.input_key, []).append(spec.layer)
+    return readers
+
+
+def calibration_labels(num_classes: int, samples: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed + 1)
+    return torch.randint(0, num_classes, (samples,), generator=generator).tolist()
+
+
+class CollectActivationStats(GraphPass):
+    name = "calibrate"
+    preserves_semantics = True
+
+    def check_preconditions(self, gm, ctx):
+        if not annotated_inputs(gm):
+            raise PassPreconditionError(self.name, "no layer is annotated for quantization; run annotation first")
+
+    def run(self, gm, ctx):
+        readers = annotated_inputs(gm)
+        nodes = {node.name: node for node in gm.graph.nodes}
+        timestep = nodes["timestep"]
+        stats = ActivationStats()
+        observers = []
+        for index, (key, layers) in enumerate(readers.items()):
+            stats.tensors[key] = TensorStats(key, layers)
+            target = f"{_OBSERVER_PREFIX}{index}"
+            gm.add_submodule(target, ActivationObserver(stats.tensors[key]))
+            source = nodes[key]
+            with gm.graph.inserting_after(source):
+                observer = gm.graph.call_module(target, (source, timestep))
+            source.replace_all_uses_with(observer, delete_user_cb=lambda user: user is not observer)
+            observers.append((source, observer, target))
+        gm.recompile()
+
+        calib = ctx.config.calibration
+        labels = calibration_labels(int(ctx.model_config["num_embeds_ada_norm"]), calib.samples, calib.seed)
+        try:
+            loop = iterate_sampling(gm, ctx.scheduler_config, ctx.model_config, labels, steps=calib.steps,
+                                    guidance_scale=calib.guidance_scale, seed=calib.seed)
+            with torch.no_grad():
+                for t, _, _ in track(loop, total=calib.steps, description="calibrating"):
+                    stats.timesteps.append(t)
+        finally:
+            for source, observer, target in observers:
+                observer.replace_all_uses_with(source)
+                gm.graph.erase_node(observer)
+                gm.delete_submodule(target)
+            gm.recompile()
+
+        ctx.stats = stats
+        summary = (f"recorded per-channel ranges of {len(readers)} tensors at {len(stats.timesteps)} timesteps "
+                   f"({calib.samples} samples x {calib.steps} steps, guidance {calib.guidance_scale})")
+        details = [f"{key}: read by {', '.join(layers)}" for key, layers in readers.items()]
+        return PassResult(gm, modified=False, summary=summary, details=details)
