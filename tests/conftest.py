@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny diffusers DiTs built in code, and one compiled artifact reused by e2e tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+TINY_CONFIG = dict(
+    num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+    sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_eps=1e-6,
+)
+LAYERS_PER_BLOCK = 7  # q, k, v, out, fc1, fc2, adaLN modulation
+QUANTIZED_INPUTS_PER_BLOCK = 5  # adaLN input, qkv input (shared), out input, fc1 input, fc2 input
+
+
+def make_tiny_dit(seed: int = 0, **overrides):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(**{**TINY_CONFIG, **overrides}).eval()
+    # adaLN-zero initialises the modulation and final layer to zero; give them weights so every path
+    # carries signal (a trained model's do).
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.abs().sum() == 0 and parameter.dim() == 2:
+                parameter.normal_(0, 0.02)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_dit")
+    make_tiny_dit().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    from diffusers import DDIMScheduler
+
+    path = tmp_path_factory.mktemp("tiny_pipeline")
+    make_tiny_dit(seed=1).save_pretrained(path / "transformer", safe_serialization=True)
+    DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(path / "scheduler")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fast_config():
+    from ditq_compiler import CalibrationConfig, CompileConfig
+
+    return CompileConfig(calibration=CalibrationConfig(steps=6, samples=2))
+
+
+@pytest.fixture(scope="session")
+def compiled_tiny(tiny_dit_dir, fast_config, tmp_path_factory):
+    """(artifact, pipeline result) of the tiny DiT, compiled once for the session."""
+    from ditq_compiler import compile as compile_checkpoint
+    from ditq_compiler.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-w8a8"
+    artifact = compile_checkpoint(tiny_dit_dir, out, fast_config)
+    result = run_pipeline(tiny_dit_dir, fast_config)  # same seed: the same quantized graph as exported
+    return artifact, result
+
+
+def read_json(path):
+    return json.loads(path.read_text())

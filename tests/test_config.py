@@ -1,0 +1,62 @@
+import pytest
+
+from ditq_compiler import CalibrationConfig, CompileConfig, LayerRule
+from ditq_compiler.errors import ConfigError
+
+LAYERS = [
+    "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1",
+    "transformer_blocks.0.norm1.linear",
+    "transformer_blocks.0.attn1.to_q",
+    "transformer_blocks.0.ff.net.2",
+    "transformer_blocks.1.attn1.to_q",
+    "proj_out_1",
+    "proj_out_2",
+]
+
+
+def test_default_set_is_block_linears_and_adaln_not_embedders_or_final_layer():
+    decision = CompileConfig().select_layers(LAYERS)
+    assert [name for name, q in decision.items() if q] == [
+        "transformer_blocks.0.norm1.linear", "transformer_blocks.0.attn1.to_q",
+        "transformer_blocks.0.ff.net.2", "transformer_blocks.1.attn1.to_q"]
+
+
+def test_later_rules_win():
+    config = CompileConfig().with_rules(LayerRule.parse("transformer_blocks.*=fp"),
+                                        LayerRule.parse("transformer_blocks.1.*=int8"))
+    decision = config.select_layers(LAYERS)
+    assert not decision["transformer_blocks.0.attn1.to_q"]
+    assert decision["transformer_blocks.1.attn1.to_q"]
+    assert not decision["proj_out_1"]
+
+
+def test_rule_can_quantize_a_default_fp_layer():
+    decision = CompileConfig().with_rules(LayerRule("proj_out_*", True)).select_layers(LAYERS)
+    assert decision["proj_out_1"] and decision["proj_out_2"]
+
+
+def test_pattern_matching_nothing_is_an_error():
+    with pytest.raises(ConfigError, match="matches no linear layer"):
+        CompileConfig().with_rules(LayerRule("blocks.*.attn", False)).select_layers(LAYERS)
+
+
+@pytest.mark.parametrize("text", ["nopattern", "x=int4", "=fp"])
+def test_bad_rule_text(text):
+    with pytest.raises(ConfigError, match="PATTERN=int8 or PATTERN=fp"):
+        LayerRule.parse(text)
+
+
+def test_unknown_format_and_recipe_and_unimplemented_format():
+    with pytest.raises(ConfigError, match="unknown format 'w3a3'"):
+        CompileConfig(format="w3a3").validate()
+    with pytest.raises(ConfigError, match="unknown recipe 'magic'"):
+        CompileConfig(recipe="magic").validate()
+    with pytest.raises(ConfigError, match="not implemented yet; available: w8a8"):
+        CompileConfig(format="fp4").validate()
+
+
+def test_calibration_bounds():
+    with pytest.raises(ConfigError, match="--calib-steps"):
+        CompileConfig(calibration=CalibrationConfig(steps=0)).validate()
+    with pytest.raises(ConfigError, match="--calib-samples"):
+        CompileConfig(calibration=CalibrationConfig(samples=0)).validate()
