@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import FORMATS, RECIPES, CalibrationConfig, CompileConfig, LayerRule
+from .config import FORMATS, GROUPINGS, RECIPES, CalibrationConfig, CompileConfig, LayerRule
 from .errors import DitqError
 
 DESCRIPTION = """\
@@ -46,6 +46,11 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
                         "(default 8); each runs with its classifier-free-guidance twin")
     parser.add_argument("--guidance-scale", type=float, default=4.0, help="guidance of the calibration "
                         "trajectories (default 4.0, as diffusers' DiTPipeline)")
+    parser.add_argument("--groups", type=int, default=1, help="timestep groups, each with its own activation "
+                        "parameters and its own branch in the artifact, selected from `timestep` inside the graph "
+                        "(default 1)")
+    parser.add_argument("--grouping", default="uniform", choices=list(GROUPINGS),
+                        help="how timesteps are grouped: " + "; ".join(f"{n}: {d}" for n, d in GROUPINGS.items()))
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration noise and classes")
     parser.add_argument("--no-verify", action="store_true", help="skip the check that ONNX Runtime fused every "
                         "quantized layer into an int8 kernel")
@@ -57,6 +62,7 @@ def _config_from(args) -> CompileConfig:
         layer_rules=tuple(LayerRule.parse(text) for text in args.layer),
         calibration=CalibrationConfig(steps=args.calib_steps, samples=args.calib_samples,
                                       guidance_scale=args.guidance_scale, seed=args.seed),
+        groups=args.groups, grouping=args.grouping,
         verify_fusion=not args.no_verify,
     ).validate()
 

@@ -111,12 +111,21 @@ class CalibrationConfig:
             raise ConfigError(f"--guidance-scale must be >= 0, got {self.guidance_scale}")
 
 
+GROUPINGS: dict[str, str] = {
+    "uniform": "equal ranges of timesteps",
+    "htg": "bottom-up clustering of neighbouring timesteps by their channel shift and range (HTG)",
+}
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     format: str = "w8a8"
     recipe: str = "minmax"
     layer_rules: tuple[LayerRule, ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    # Timestep groups: 1 = one set of parameters for every timestep.
+    groups: int = 1
+    grouping: str = "uniform"
     # Check after compiling that ONNX Runtime fused every quantized layer into an int8 kernel.
     verify_fusion: bool = True
 
@@ -129,6 +138,13 @@ class CompileConfig:
         if self.recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         self.calibration.validate()
+        if self.groups < 1:
+            raise ConfigError(f"--groups must be at least 1, got {self.groups}")
+        if self.grouping not in GROUPINGS:
+            raise ConfigError(f"unknown grouping {self.grouping!r}; choose one of {', '.join(GROUPINGS)}")
+        if self.groups > self.calibration.steps:
+            raise ConfigError(f"--groups {self.groups} needs at least as many calibration steps "
+                              f"(--calib-steps {self.calibration.steps}): every group must be calibrated")
         return self
 
     @property
@@ -158,6 +174,7 @@ class CompileConfig:
             "format": self.format,
             "recipe": self.recipe,
             "layer_rules": [{"pattern": r.pattern, "quantize": r.quantize} for r in self.layer_rules],
+            "grouping": {"groups": self.groups, "method": self.grouping},
             "calibration": {
                 "steps": self.calibration.steps,
                 "samples": self.calibration.samples,

@@ -35,6 +35,8 @@ class CompileContext:
     check_inputs: tuple[torch.Tensor, ...]
     timestep_groups: list[TimestepGroup] = field(default_factory=list)
     stats: ActivationStats | None = None
+    # Merge history of hierarchical timestep grouping (for the dendrogram); empty otherwise.
+    grouping_history: list = field(default_factory=list)
 
     @property
     def num_train_timesteps(self) -> int:

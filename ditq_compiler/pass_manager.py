@@ -95,8 +95,9 @@ class PassManager:
             result = graph_pass.run(gm, ctx)
             seconds = time.perf_counter() - start
             gm = result.graph_module
-            gm.graph.lint()
-            gm.recompile()
+            for graph_module in graph_modules(gm):
+                graph_module.graph.lint()
+                graph_module.recompile()
             if reference is not None and result.modified:
                 self._check_numerics(graph_pass, reference, _evaluate(gm, ctx.check_inputs))
             self.records.append(PassRecord(graph_pass.name, result.modified, result.summary, seconds))
@@ -120,13 +121,19 @@ def _evaluate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> torch.Ten
         return gm(*inputs)
 
 
-def op_histogram(gm: fx.GraphModule) -> Counter:
+def graph_modules(module) -> list[fx.GraphModule]:
+    """The fx graphs of a pipeline's module: itself, or one per timestep-group branch."""
+    return module.graph_modules() if hasattr(module, "graph_modules") else [module]
+
+
+def op_histogram(module) -> Counter:
     counts: Counter = Counter()
-    for node in gm.graph.nodes:
-        if node.op == "call_function":
-            counts[str(node.target)] += 1
-        elif node.op == "call_module":
-            counts[f"module:{type(gm.get_submodule(node.target)).__name__}"] += 1
+    for gm in graph_modules(module):
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                counts[str(node.target)] += 1
+            elif node.op == "call_module":
+                counts[f"module:{type(gm.get_submodule(node.target)).__name__}"] += 1
     return counts
 
 

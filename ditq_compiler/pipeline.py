@@ -17,7 +17,8 @@ from .context import CompileContext
 from .errors import DitqError
 from .loading import LoadedCheckpoint, load_checkpoint
 from .pass_manager import DumpInstrument, GraphPass, PassInstrument, PassManager
-from .passes import AnnotateLinearQuantization, ChooseMinMaxParams, CollectActivationStats, InsertQuantDequant
+from .passes import (AnnotateLinearQuantization, ChooseMinMaxParams, CollectActivationStats, GroupTimesteps,
+                     InsertQuantDequant)
 from .qspec import SPEC_KEY
 from .tracing import INPUT_NAMES, OUTPUT_NAME, example_inputs, trace_dit
 
@@ -25,10 +26,12 @@ RECIPE_PASSES: dict[str, type[GraphPass]] = {"minmax": ChooseMinMaxParams}
 
 
 def build_passes(config: CompileConfig) -> list[GraphPass]:
-    """The pipeline: decide what to quantize, calibrate, choose parameters, insert Q/DQ."""
+    """The pipeline: decide what to quantize, calibrate, group timesteps, choose parameters per group,
+    insert Q/DQ (one branch per group)."""
     return [
         AnnotateLinearQuantization(),
         CollectActivationStats(),
+        GroupTimesteps(config.groups, config.grouping),
         RECIPE_PASSES[config.recipe](),
         InsertQuantDequant(),
     ]

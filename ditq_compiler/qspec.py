@@ -29,8 +29,10 @@ class LinearQuantSpec:
 
 @dataclass(frozen=True)
 class LinearQuantParams:
-    input_scale: float
-    input_zero_point: int
+    """Per timestep group ``g``: ``input_scale[g]``, ``input_zero_point[g]``; the weight is shared by all groups."""
+
+    input_scale: tuple[float, ...]
+    input_zero_point: tuple[int, ...]
     weight_scale: torch.Tensor  # [out_features], float32
     recipe: str
 

@@ -29,7 +29,17 @@ TWO_GIB = 2**31
 _KEEP_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 
-def export_onnx(gm: fx.GraphModule, model_config: dict) -> onnx.ModelProto:
+def export_onnx(module, model_config: dict) -> onnx.ModelProto:
+    """Export a quantized graph, or a timestep-grouped module as one ``If`` branch per group."""
+    if hasattr(module, "graph_modules"):
+        from .branches import stitch_group_branches
+
+        branches = [_export_graph(gm, model_config) for gm in module.graph_modules()]
+        return stitch_group_branches(branches, [group.end for group in module.groups])
+    return _export_graph(module, model_config)
+
+
+def _export_graph(gm: fx.GraphModule, model_config: dict) -> onnx.ModelProto:
     inputs = example_inputs(model_config, batch=2)
     quiet = io.StringIO()
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet):

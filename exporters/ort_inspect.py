@@ -26,6 +26,8 @@ class FusionReport:
     # layer -> op type reading its int8 weight in the optimized graph
     layer_ops: dict[str, str] = field(default_factory=dict)
     op_counts: Counter = field(default_factory=Counter)
+    # layer -> how many kernels read its weight (one per timestep-group branch)
+    readers: dict[str, int] = field(default_factory=dict)
 
     @property
     def unfused(self) -> dict[str, str]:
@@ -81,15 +83,18 @@ def fusion_report(model_path: str | Path, layers: list[str], provider: str = "CP
             readers.setdefault(name, []).append(node)
     report = FusionReport(provider=provider, op_counts=Counter(n.op_type for n in nodes))
     for layer in layers:
+        # One reader per timestep-group branch; a weight that differs per group is named <weight>__group<g>.
         weight = f"{layer}.weight_quantized"
-        ops = [n.op_type for n in readers.get(weight, [])]
-        if not ops:
-            report.layer_ops[layer] = "missing"
-            continue
-        op = ops[0]
-        if op == "DequantizeLinear":  # not fused: follow the float weight to its consumer
-            dq = readers[weight][0]
-            consumers = [c.op_type for c in readers.get(dq.output[0], [])]
-            op = f"float {consumers[0] if consumers else 'DequantizeLinear'}"
-        report.layer_ops[layer] = op
+        names = [name for name in readers if name == weight or name.startswith(f"{weight}__group")]
+        ops = []
+        for name in names:
+            for reader in readers[name]:
+                op = reader.op_type
+                if op == "DequantizeLinear":  # not fused: follow the float weight to its consumer
+                    consumers = [c.op_type for c in readers.get(reader.output[0], [])]
+                    op = f"float {consumers[0] if consumers else 'DequantizeLinear'}"
+                ops.append(op)
+        unfused = [op for op in ops if op not in FUSED_INT8_OPS]
+        report.layer_ops[layer] = unfused[0] if unfused else ops[0] if ops else "missing"
+        report.readers[layer] = len(ops)
     return report

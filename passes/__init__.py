@@ -2,7 +2,9 @@
 
 from .annotate import AnnotateLinearQuantization
 from .calibrate import CollectActivationStats
+from .grouping import GroupTimesteps
 from .insert_qdq import InsertQuantDequant
 from .minmax import ChooseMinMaxParams
 
-__all__ = ["AnnotateLinearQuantization", "CollectActivationStats", "ChooseMinMaxParams", "InsertQuantDequant"]
+__all__ = ["AnnotateLinearQuantization", "CollectActivationStats", "GroupTimesteps", "ChooseMinMaxParams",
+           "InsertQuantDequant"]

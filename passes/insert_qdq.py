@@ -21,11 +21,14 @@ float and quantized tensors of a layer: ``<layer>.weight_quantized``, ``.weight_
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..errors import PassPreconditionError
 from ..pass_manager import GraphPass, PassResult
 from ..qspec import PARAMS_KEY, PROVENANCE_KEY, SPEC_KEY
+from .branches import TimestepGroupedModule
 
 _QUANTIZE = torch.ops.ditq.quantize.default
 _DEQUANTIZE = torch.ops.ditq.dequantize.default
@@ -36,6 +39,15 @@ def _ident(layer: str) -> str:
 
 
 class InsertQuantDequant(GraphPass):
+    """Rewrites the graph; with several timestep groups, one rewritten copy (branch) per group.
+
+    With one group the graph is rewritten in place. With ``G`` groups the annotated graph is copied ``G``
+    times and each copy rewritten with its group's parameters; the result is a
+    :class:`TimestepGroupedModule` that dispatches every row of a batch to its group's branch (the torch
+    reference of the exported ``If`` branches). Weights that are the same in every group are
+    deduplicated by the exporter.
+    """
+
     name = "insert_qdq"
     preserves_semantics = False
 
@@ -47,11 +59,25 @@ class InsertQuantDequant(GraphPass):
                 )
 
     def run(self, gm, ctx):
+        groups = ctx.timestep_groups
+        if len(groups) == 1:
+            return self._rewrite(gm, ctx, 0)
+        branches, details = [], []
+        for group in groups:
+            branch = copy.deepcopy(gm)
+            result = self._rewrite(branch, ctx, group.index)
+            branch.graph.lint()
+            branch.recompile()
+            branches.append(branch)
+            details += [f"[group {group.index}: {group.start}..{group.end}] {line}" for line in result.details]
+        summary = f"{len(groups)} branches, one per timestep group; each: {result.summary}"
+        return PassResult(TimestepGroupedModule(branches, groups), True, summary, details)
+
+    def _rewrite(self, gm, ctx, group: int) -> PassResult:
         graph = gm.graph
         dequantized_inputs: dict[str, torch.fx.Node] = {}
         float_weights: set[str] = set()
         details, rewritten, gemm_form = [], 0, 0
-        group = ctx.timestep_groups[0].index
         for node in list(graph.nodes):
             spec = node.meta.get(SPEC_KEY)
             if spec is None:
@@ -78,12 +104,12 @@ class InsertQuantDequant(GraphPass):
             with graph.inserting_before(node):
                 x_dq = dequantized_inputs.get(x.name)
                 if x_dq is None:
-                    scale = attr("input_scale", torch.tensor(params.input_scale, dtype=torch.float32))
-                    zero = attr("input_zero_point", torch.tensor(params.input_zero_point, dtype=torch.uint8))
+                    scale = attr("input_scale", torch.tensor(params.input_scale[group], dtype=torch.float32))
+                    zero = attr("input_zero_point", torch.tensor(params.input_zero_point[group], dtype=torch.uint8))
                     x_q = emit(_QUANTIZE, (x, scale, zero, 0), f"{_ident(spec.layer)}_input_quantized")
                     x_dq = emit(_DEQUANTIZE, (x_q, scale, zero, 0), f"{_ident(spec.layer)}_input_dequantized")
                     dequantized_inputs[x.name] = x_dq
-                    input_scale = params.input_scale
+                    input_scale = params.input_scale[group]
                 else:
                     input_scale = float(gm.get_buffer(x_dq.args[1].target))
 

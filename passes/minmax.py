@@ -19,24 +19,31 @@ class ChooseMinMaxParams(GraphPass):
     def check_preconditions(self, gm, ctx):
         if ctx.stats is None:
             raise PassPreconditionError(self.name, "no calibration statistics; run calibration first")
-        if len(ctx.timestep_groups) != 1:
-            raise PassPreconditionError(self.name, "per-group parameters need the grouping passes")
+        for group in ctx.timestep_groups:
+            if not any(group.contains(t) for t in ctx.stats.timesteps):
+                raise PassPreconditionError(
+                    self.name, f"timestep group {group.start}..{group.end} holds no calibrated timestep; "
+                               "raise --calib-steps or use fewer groups")
 
     def run(self, gm, ctx):
-        group = ctx.timestep_groups[0]
-        timesteps = [t for t in ctx.stats.timesteps if group.contains(t)]
+        group_timesteps = [[t for t in ctx.stats.timesteps if g.contains(t)] for g in ctx.timestep_groups]
         details, count = [], 0
         for node in gm.graph.nodes:
             spec = node.meta.get(SPEC_KEY)
             if spec is None:
                 continue
-            lo, hi = ctx.stats.get(spec.input_key).range_over(timesteps)
-            scale, zero_point = quantize_params_from_range(float(lo.min()), float(hi.max()), spec.activation)
+            scales, zero_points, ranges = [], [], []
+            for timesteps in group_timesteps:
+                lo, hi = ctx.stats.get(spec.input_key).range_over(timesteps)
+                scale, zero_point = quantize_params_from_range(float(lo.min()), float(hi.max()), spec.activation)
+                scales.append(scale)
+                zero_points.append(zero_point)
+                ranges.append(f"[{float(lo.min()):.4g}, {float(hi.max()):.4g}]")
             weight = gm.get_parameter(node.args[1].target)
             weight_scale = symmetric_weight_scale(weight, spec.weight)
-            node.meta[PARAMS_KEY] = LinearQuantParams(scale, zero_point, weight_scale, "minmax")
+            node.meta[PARAMS_KEY] = LinearQuantParams(tuple(scales), tuple(zero_points), weight_scale, "minmax")
             count += 1
-            details.append(f"{spec.layer}: input range [{float(lo.min()):.4g}, {float(hi.max()):.4g}] "
-                           f"-> scale {scale:.4g}, zero point {zero_point}")
-        return PassResult(gm, modified=count > 0, summary=f"chose minmax parameters for {count} layers",
-                          details=details)
+            details.append(f"{spec.layer}: input range per group {', '.join(ranges)} -> scale "
+                           f"{', '.join(f'{s:.4g}' for s in scales)}, zero point {', '.join(map(str, zero_points))}")
+        return PassResult(gm, modified=count > 0, summary=f"chose minmax parameters for {count} layers x "
+                          f"{len(group_timesteps)} timestep groups", details=details)

@@ -67,3 +67,14 @@ def compiled_tiny(tiny_dit_dir, fast_config, tmp_path_factory):
 
 def read_json(path):
     return json.loads(path.read_text())
+
+
+REFERENCE_MODEL = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "dit-digits"
+
+
+@pytest.fixture(scope="session")
+def reference_artifact(tmp_path_factory):
+    """The bundled reference DiT compiled to W8A8 with the CLI's default settings."""
+    from ditq_compiler import compile as compile_checkpoint
+
+    return compile_checkpoint(REFERENCE_MODEL, tmp_path_factory.mktemp("reference") / "dit-digits-w8a8")

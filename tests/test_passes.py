@@ -132,8 +132,9 @@ def test_minmax_parameters_cover_the_calibrated_range():
         params = node.meta[PARAMS_KEY]
         lo, hi = ctx.stats.get(node.meta[SPEC_KEY].input_key).range_over()
         lo, hi = min(float(lo.min()), 0.0), max(float(hi.max()), 0.0)
-        assert params.input_scale == pytest.approx((hi - lo) / 255, rel=1e-6)
-        assert (0 - params.input_zero_point) * params.input_scale == pytest.approx(lo, abs=params.input_scale / 2 + 1e-7)
+        (scale,), (zero_point,) = params.input_scale, params.input_zero_point  # one timestep group
+        assert scale == pytest.approx((hi - lo) / 255, rel=1e-6)
+        assert (0 - zero_point) * scale == pytest.approx(lo, abs=scale / 2 + 1e-7)
         weight = gm.get_parameter(node.args[1].target)
         assert torch.allclose(params.weight_scale, weight.abs().amax(1) / 127)
 
@@ -205,8 +206,8 @@ def test_dump_instrument_writes_every_pass_and_timings(tmp_path):
     PassManager(build_passes(CONFIG), [DumpInstrument(tmp_path)]).run(gm, ctx)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["000_traced.txt", "001_annotate_quantization.txt", "002_calibrate.txt",
-                     "003_choose_params_minmax.txt", "004_insert_qdq.txt", "timings.txt"]
-    dump = (tmp_path / "004_insert_qdq.txt").read_text()
+                     "003_group_timesteps.txt", "004_choose_params_minmax.txt", "005_insert_qdq.txt", "timings.txt"]
+    dump = (tmp_path / "005_insert_qdq.txt").read_text()
     assert "rewrote 14 linears" in dump and "ditq.quantize.default" in dump and "def forward" in dump
     timings = (tmp_path / "timings.txt").read_text().splitlines()
     assert timings[0].split()[:2] == ["pass", "seconds"] and timings[-1].startswith("total")
