@@ -35,8 +35,8 @@ class CompileContext:
     check_inputs: tuple[torch.Tensor, ...]
     timestep_groups: list[TimestepGroup] = field(default_factory=list)
     stats: ActivationStats | None = None
-    # Merge history of hierarchical timestep grouping (for the dendrogram); empty otherwise.
-    grouping_history: list = field(default_factory=list)
+    # HTG's calibrated timesteps and merge history (for the dendrogram); empty otherwise.
+    grouping_history: dict = field(default_factory=dict)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -43,27 +43,31 @@ def quantized_layers(gm) -> dict[str, LayerQuantization]:
     return layers
 
 
-def measure_layer_errors(model: torch.nn.Module, layers: dict[str, LayerQuantization], scheduler_config: dict,
-                         model_config: dict, *, steps: int, samples: int = 2, guidance_scale: float = 4.0,
-                         seed: int = 0) -> dict[str, dict[int, float]]:
-    errors: dict[str, dict[int, float]] = {name: {} for name in layers}
+def measure_layer_errors(model: torch.nn.Module, groups, layers_by_group: list[dict[str, LayerQuantization]],
+                         scheduler_config: dict, model_config: dict, *, steps: int, samples: int = 2,
+                         guidance_scale: float = 4.0, seed: int = 0) -> dict[str, dict[int, float]]:
+    """``layers_by_group[g]``: the quantized layers of timestep group ``groups[g]``'s branch."""
+    errors: dict[str, dict[int, float]] = {name: {} for name in layers_by_group[0]}
     current = {}
     handles = []
     modules = dict(model.named_modules())
 
-    def make_hook(name: str, q: LayerQuantization):
+    def make_hook(name: str):
         def hook(module, inputs, output):
+            q = current["layers"][name]
             x = inputs[0]
             x_dq = dequantize(quantize(x, q.input_scale, q.input_zero_point, 0), q.input_scale, q.input_zero_point, 0)
             y_q = x_dq @ q.weight + (module.bias if module.bias is not None else 0)
             errors[name][current["t"]] = float((y_q - output).norm() / output.norm().clamp_min(1e-12))
         return hook
 
-    for name, q in layers.items():
-        handles.append(modules[name].register_forward_hook(make_hook(name, q)))
+    for name in errors:
+        handles.append(modules[name].register_forward_hook(make_hook(name)))
 
     def denoise(x, t, y):
         current["t"] = int(t[0])  # every row of a sampling batch shares the step's timestep
+        group = next(g.index for g in groups if g.contains(current["t"]))
+        current["layers"] = layers_by_group[group]
         return model(x, timestep=t, class_labels=y, return_dict=False)[0]
 
     num_classes = int(model_config["num_embeds_ada_norm"])
@@ -80,8 +84,11 @@ def measure_layer_errors(model: torch.nn.Module, layers: dict[str, LayerQuantiza
 
 
 def layer_error_report(result, dump_dir: Path, top: int = 10) -> str:
+    from .pass_manager import graph_modules
+
     ctx = result.context
-    errors = measure_layer_errors(result.checkpoint.model, quantized_layers(result.graph_module),
+    layers_by_group = [quantized_layers(gm) for gm in graph_modules(result.graph_module)]
+    errors = measure_layer_errors(result.checkpoint.model, ctx.timestep_groups, layers_by_group,
                                   ctx.scheduler_config, ctx.model_config, steps=ctx.config.calibration.steps,
                                   guidance_scale=ctx.config.calibration.guidance_scale,
                                   seed=ctx.config.calibration.seed)

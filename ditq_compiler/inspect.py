@@ -27,9 +27,18 @@ def inspect_checkpoint(checkpoint, dump_dir: str | Path, config: CompileConfig |
     lines += [f"{count:5d}  {op}" for op, count in sorted(report.op_counts.items())]
     (dump_dir / "ort_optimized.txt").write_text("\n".join(lines) + "\n")
 
+    from .group_plot import groups_table, plot_groups
+
+    groups = result.context.timestep_groups
+    table = groups_table(groups)
+    (dump_dir / "timestep_groups.txt").write_text(table + "\n")
+    config = result.context.config
+    plot_groups(groups, result.context.grouping_history, dump_dir / "timestep_groups.png",
+                f"{len(groups)} timestep group(s), grouping {config.grouping}")
     error_table = layer_error_report(result, dump_dir)
     kernels = Counter(report.layer_ops.values())
     return (f"wrote {len(result.pass_manager.records) + 1} pass dumps, timings.txt, model.onnx, ort_optimized.txt "
-            f"and layer_error.txt/.png to {dump_dir}\n"
+            f"timestep_groups.txt/.png and layer_error.txt/.png to {dump_dir}\n"
+            f"timestep groups:\n{table}\n"
             f"ONNX Runtime kernels for the {len(report.layer_ops)} quantized layers: {dict(kernels)}\n"
             f"largest per-layer errors (relative L2 of the layer output, mean over timesteps):\n{error_table}")

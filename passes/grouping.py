@@ -100,7 +100,6 @@ class GroupTimesteps(GraphPass):
         if count < 1:
             raise ConfigError(f"--groups must be at least 1, got {count}")
         self.count, self.method = count, method
-        self.history: list[Merge] = []
 
     def check_preconditions(self, gm, ctx):
         if self.method == "htg" and ctx.stats is None:
@@ -118,9 +117,11 @@ class GroupTimesteps(GraphPass):
             if len(timesteps) < self.count:
                 raise ConfigError(f"--groups {self.count} needs at least as many calibrated timesteps "
                                   f"(got {len(timesteps)}); raise --calib-steps")
-            clusters, self.history = htg_cluster(features, self.count)
+            clusters, _ = htg_cluster(features, self.count)
             ctx.timestep_groups = groups_from_clusters(timesteps, clusters, total)
-        ctx.grouping_history = self.history
+            # The whole tree (greedy merging: its first merges are the ones above), for the dendrogram.
+            _, history = htg_cluster(features, 1)
+            ctx.grouping_history = {"timesteps": timesteps, "merges": history}
         details = [f"group {g.index}: timesteps {g.start}..{g.end}" for g in ctx.timestep_groups]
         return PassResult(gm, False, f"{self.method}: {len(ctx.timestep_groups)} timestep groups "
                           f"({', '.join(f'{g.start}-{g.end}' for g in ctx.timestep_groups)})", details)
