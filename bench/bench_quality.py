@@ -31,7 +31,11 @@ from digits import load_digits_tensors  # noqa: E402
 from evaluator import features_and_logits, frechet_distance, load_classifier, psnr, relative_l2  # noqa: E402
 
 # ditq rows: (label, CompileConfig keyword arguments). Later recipes and formats add rows here.
-DITQ_ROWS = [("ditq W8A8 minmax", dict(format="w8a8", recipe="minmax"))]
+DITQ_ROWS = [("ditq W8A8 minmax", dict(format="w8a8", recipe="minmax"))] + [
+    (f"ditq W8A8 minmax, {groups} groups {grouping}", dict(format="w8a8", recipe="minmax", groups=groups,
+                                                          grouping=grouping))
+    for groups in (2, 4, 8) for grouping in ("uniform", "htg")
+]
 
 
 def ort_denoiser(path: Path):
