@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import fx
 
 from . import __version__
 from .artifact import FORMAT_VERSION, MANIFEST_FILE, MODEL_FILE, Artifact, staging_directory
@@ -16,10 +15,10 @@ from .config import CompileConfig
 from .context import CompileContext
 from .errors import DitqError
 from .loading import LoadedCheckpoint, load_checkpoint
-from .pass_manager import DumpInstrument, GraphPass, PassInstrument, PassManager
+from .pass_manager import DumpInstrument, GraphPass, PassInstrument, PassManager, graph_modules
 from .passes import (AnnotateLinearQuantization, ChooseMinMaxParams, CollectActivationStats, GroupTimesteps,
                      InsertQuantDequant)
-from .qspec import SPEC_KEY
+from .qspec import quantized_layer_names
 from .tracing import INPUT_NAMES, OUTPUT_NAME, example_inputs, trace_dit
 
 RECIPE_PASSES: dict[str, type[GraphPass]] = {"minmax": ChooseMinMaxParams}
@@ -39,7 +38,7 @@ def build_passes(config: CompileConfig) -> list[GraphPass]:
 
 @dataclass
 class CompileResult:
-    graph_module: fx.GraphModule
+    graph_module: torch.nn.Module  # a GraphModule, or a TimestepGroupedModule of one per group
     context: CompileContext
     checkpoint: LoadedCheckpoint
     pass_manager: PassManager
@@ -55,19 +54,9 @@ def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfi
     check_inputs = example_inputs(loaded.model_config, batch=2, seed=config.calibration.seed)
     gm = trace_dit(loaded.model, check_inputs)
     ctx = CompileContext(config, loaded.model_config, loaded.scheduler_config, check_inputs)
-    # The annotation must be visible before insertion erases the linear nodes: record it as we go.
     manager = PassManager(build_passes(config), instruments or [])
-    quantized: list[str] = []
-
-    class _RecordAnnotations(PassInstrument):
-        def after_pass(self, index, graph_pass, result, seconds, ctx):
-            if isinstance(graph_pass, AnnotateLinearQuantization):
-                quantized.extend(dict.fromkeys(
-                    n.meta[SPEC_KEY].layer for n in result.graph_module.graph.nodes if SPEC_KEY in n.meta))
-
-    manager.instruments.append(_RecordAnnotations())
     gm = manager.run(gm, ctx)
-    return CompileResult(gm, ctx, loaded, manager, quantized)
+    return CompileResult(gm, ctx, loaded, manager, quantized_layer_names(graph_modules(gm)[0]))
 
 
 def build_manifest(result: CompileResult, fusion: dict | None, files: list[str], compile_seconds: float) -> dict:

@@ -52,3 +52,10 @@ def symmetric_weight_scale(weight: torch.Tensor, spec: WeightQuantSpec) -> torch
     """Per-output-channel absmax / qmax, kept away from 0 so that a dead row stays representable."""
     absmax = weight.detach().to(torch.float32).abs().amax(dim=1)
     return (absmax / spec.qmax).clamp_min(1e-12)
+
+
+def quantized_layer_names(gm) -> list[str]:
+    """Layers rewritten by Q/DQ insertion, in graph order, read back from the nodes' provenance."""
+    names = (node.meta[PROVENANCE_KEY]["layer"] for node in gm.graph.nodes
+             if PROVENANCE_KEY in node.meta and node.target is torch.ops.aten.matmul.default)
+    return list(dict.fromkeys(names))

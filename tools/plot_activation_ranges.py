@@ -60,7 +60,7 @@ def _pick_tensors(stats):
             by_layer[layer] = tensor
     blocks = sorted({int(name.split(".")[1]) for name in by_layer})
     last = blocks[-1]
-    wanted = [(f"transformer_blocks.0.attn1.to_q", "block 0 q/k/v input"),
+    wanted = [("transformer_blocks.0.attn1.to_q", "block 0 q/k/v input"),
               (f"transformer_blocks.{last}.attn1.to_out.0", f"block {last} attention-output input"),
               (f"transformer_blocks.{last}.ff.net.2", f"block {last} fc2 input (after GELU)"),
               (f"transformer_blocks.{last}.norm1.linear", f"block {last} adaLN input (SiLU(c))")]
