@@ -135,10 +135,15 @@ def main(argv=None) -> None:
         if step % args.save_every == 0 or step == args.steps:
             save_model(ema, args.out)
             (args.out / "loss_curve.csv").write_text("\n".join(curve) + "\n")
-    config = {**vars(args), "out": str(args.out), "model": MODEL_CONFIG, "scheduler": SCHEDULER_CONFIG,
+    write_record(args, time.time() - start)
+
+
+def write_record(args, seconds: float) -> None:
+    config = {**vars(args), "out": str(args.out), "model": MODEL_CONFIG,
+              "scheduler": SCHEDULER_CONFIG,
               "data": "sklearn.datasets.load_digits, 8x8 bilinear-upsampled to 16x16, scaled to [-1, 1]",
               "loss": "L_simple (epsilon MSE) + L_vlb (variance, stopped-gradient mean)",
-              "train_seconds": round(time.time() - start, 1), "torch": torch.__version__}
+              "train_seconds": round(seconds, 1), "torch": torch.__version__}
     (args.out / "training_config.json").write_text(json.dumps(config, indent=2) + "\n")
     plot_curve(args.out)
 
