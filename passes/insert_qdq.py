@@ -96,8 +96,12 @@ class InsertQuantDequant(GraphPass):
                 return created
 
             def attr(buffer_name: str, value: torch.Tensor, _owner=owner, _path=owner_path):
-                _owner.register_buffer(buffer_name, value)
-                created = graph.get_attr(f"{_path}.{buffer_name}")
+                # A module called twice (a shared embedder) sees two inputs: never overwrite a buffer.
+                name, suffix = buffer_name, 1
+                while hasattr(_owner, name):
+                    name, suffix = f"{buffer_name}_{suffix}", suffix + 1
+                _owner.register_buffer(name, value)
+                created = graph.get_attr(f"{_path}.{name}")
                 created.meta[PROVENANCE_KEY] = dict(provenance)
                 return created
 
@@ -126,7 +130,7 @@ class InsertQuantDequant(GraphPass):
                     bias = gm.get_parameter(bias_node.target).detach().to(torch.float32)
                     if x.meta["val"].dim() == 2:
                         bias_scale = input_scale * weight_scale
-                        bias_q = torch.round(bias / bias_scale).to(torch.int32)
+                        bias_q = torch.round(bias / bias_scale).clamp(-(2**31), 2**31 - 1).to(torch.int32)
                         b_q = attr("bias_quantized", bias_q)
                         b_scale = attr("bias_scale", bias_scale)
                         b_zero = attr("bias_zero_point", torch.zeros(bias_q.shape, dtype=torch.int32))

@@ -136,3 +136,25 @@ def test_loading_a_non_artifact(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ArtifactError, match="format version 99"):
         Artifact.load(tmp_path)
+
+
+def test_a_layer_called_twice_gets_one_qdq_pair_per_input(tiny_dit_dir, tmp_path):
+    """diffusers' DiT runs block 0's timestep embedder twice (block 0 and the final layer): quantizing it
+    must give each call its own activation parameters and keep both numerically right."""
+    from ditq_compiler import CalibrationConfig, CompileConfig, LayerRule
+    from ditq_compiler import compile as compile_checkpoint
+    from ditq_compiler.pipeline import run_pipeline
+
+    config = CompileConfig(calibration=CalibrationConfig(steps=4, samples=2),
+                           layer_rules=(LayerRule("transformer_blocks.0.norm1.emb.timestep_embedder.*", True),))
+    artifact = compile_checkpoint(tiny_dit_dir, tmp_path / "art", config)
+    result = run_pipeline(tiny_dit_dir, config)
+    embedder = result.graph_module.get_submodule("transformer_blocks.0.norm1.emb.timestep_embedder.linear_1")
+    assert hasattr(embedder, "input_scale") and hasattr(embedder, "input_scale_1")
+    x, t, y = example_inputs(TINY_CONFIG, batch=2, seed=11)
+    got = artifact.session("cpu").run(["out"], {"sample": x.numpy(), "timestep": t.numpy(),
+                                                "class_labels": y.numpy()})[0]
+    with torch.no_grad():
+        expected = result.graph_module(x, t, y).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert artifact.manifest["fusion"]["unfused"] == {}
