@@ -158,3 +158,17 @@ def test_a_layer_called_twice_gets_one_qdq_pair_per_input(tiny_dit_dir, tmp_path
         expected = result.graph_module(x, t, y).numpy()
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
     assert artifact.manifest["fusion"]["unfused"] == {}
+
+
+def test_large_models_use_external_data(tiny_dit_dir, fast_config, tmp_path, monkeypatch):
+    """Over 2 GB the weights go to model.onnx.data; the threshold is lowered here to exercise that path."""
+    from ditq_compiler import compile as compile_checkpoint
+    from ditq_compiler.exporters import onnx_export
+
+    monkeypatch.setattr(onnx_export, "TWO_GIB", 10_000)
+    artifact = compile_checkpoint(tiny_dit_dir, tmp_path / "art", fast_config)
+    assert artifact.manifest["files"] == ["model.onnx", "model.onnx.data"]
+    assert (artifact.path / "model.onnx.data").stat().st_size > (artifact.path / "model.onnx").stat().st_size
+    assert artifact.manifest["fusion"]["unfused"] == {}
+    x, t, y = example_inputs(TINY_CONFIG, batch=2, seed=1)
+    assert np.isfinite(artifact.denoise(x.numpy(), t.numpy(), y.numpy(), provider="cpu")).all()
