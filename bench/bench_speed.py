@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (export_fp32, file_size_mb, latency_ms, machine_description, quantize_static_baseline,  # noqa: E402
+from common import (export_fp32, file_size_mb, latencies_ms, machine_description, quantize_static_baseline,  # noqa: E402
                     relative_l2, run_output, trajectory_batches)
 
 SHAPES = {  # DiT paper sizes: hidden width, depth, heads
@@ -82,18 +82,19 @@ def bench_model(size: str, work: Path, args) -> dict:
     eval_batches = [batches[len(batches) // 2], batches[-1]]
     reference = [run_output(fp32_path, b) for b in eval_batches]
 
-    rows = []
-    fp32_ms = latency_ms(fp32_path, feeds, runs=args.runs)
-    rows.append(("FP32 export", fp32_seconds, file_size_mb(fp32_path), fp32_ms, 0.0))
+    paths = {"FP32 export": fp32_path, "ditq W8A8 minmax": artifact.model_path,
+             **{name: path for name, (path, _) in baselines.items()}, "ditq 4 groups": grouped.model_path}
+    latency = latencies_ms(paths, feeds, rounds=args.runs)
+    fp32_ms = latency["FP32 export"]
+    rows = [("FP32 export", fp32_seconds, file_size_mb(fp32_path), fp32_ms, 0.0)]
     for name, (path, seconds) in [("ditq W8A8 minmax", (artifact.model_path, ditq_seconds)), *baselines.items()]:
         errors = [relative_l2(run_output(path, b), ref) for b, ref in zip(eval_batches, reference)]
-        rows.append((name, seconds, file_size_mb(path), latency_ms(path, feeds, runs=args.runs), max(errors)))
+        rows.append((name, seconds, file_size_mb(path), latency[name], max(errors)))
     # 4 timestep groups vs 1: the same inputs at one timestep (one branch runs), latency and size.
-    one_ms = rows[1][3]
-    four_ms = latency_ms(grouped.model_path, feeds, runs=args.runs)
-    groups = {"one_ms": one_ms, "four_ms": four_ms, "one_mb": file_size_mb(artifact.model_path),
-              "four_mb": file_size_mb(grouped.model_path), "compile_s": grouped.manifest["compile_seconds"],
-              "fused": grouped.manifest["fusion"]["fused_layers"], "layers": len(grouped.manifest["quantized_layers"])}
+    groups = {"one_ms": latency["ditq W8A8 minmax"], "four_ms": latency["ditq 4 groups"],
+              "one_mb": file_size_mb(artifact.model_path), "four_mb": file_size_mb(grouped.model_path),
+              "compile_s": grouped.manifest["compile_seconds"], "fused": grouped.manifest["fusion"]["fused_layers"],
+              "layers": len(grouped.manifest["quantized_layers"])}
     return {"size": size, "rows": rows, "fp32_ms": fp32_ms, "groups": groups,
             "kernels": artifact.manifest["fusion"]["kernels"], "layers": len(artifact.manifest["quantized_layers"])}
 
@@ -108,13 +109,17 @@ def write_report(results: list[dict], args, path: Path) -> None:
         f"- Date: {datetime.date.today().isoformat()}",
         "- Models: random-weight diffusers `DiTTransformer2DModel` with the DiT paper's shapes, 32x32x4 latents, "
         "patch 2 (256 tokens), 1000 classes; batch 2 (one guided sample); ONNX Runtime CPU provider, 2 intra-op "
-        f"threads, median of {args.runs} runs after 3 warm-up runs.",
+        f"threads; every model of a table is timed in the same {args.runs} interleaved rounds (one run of each "
+        "per round, after 3 warm-up runs each) and the median is reported.",
         f"- Calibration (ditq and both `quantize_static` rows): the same {args.calib_samples} samples x "
         f"{args.calib_steps} DDPM steps with guidance 4.0.",
         "- Error: relative L2 of the output vs the FP32 export on two denoiser inputs taken from those trajectories "
         "(mid-trajectory and last step); the larger of the two.",
         "- `quantize_static` rows run ONNX Runtime's quantizer on the same FP32 export (QDQ, per-channel, int8); "
         "their compile time includes that export.",
+        "- Random weights have none of a trained DiT's activation outliers, so the errors here understate what "
+        "quantization costs; quality on a trained model is measured in [quality.md](quality.md).",
+        "- CUDA provider: not measured in this run (no GPU on the machine that ran it).",
         "",
     ]
     for result in results:
@@ -140,7 +145,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["S", "B"], choices=sorted(SHAPES))
     parser.add_argument("--calib-steps", type=int, default=10)
     parser.add_argument("--calib-samples", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=20, help="interleaved timing rounds")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ditq-bench-") as tmp:

@@ -76,21 +76,27 @@ def quantize_static_baseline(fp32_path: Path, out_path: Path, batches: list[dict
     )
 
 
-def latency_ms(model_path: Path, feeds: dict, *, threads: int = 2, warmup: int = 3, runs: int = 15) -> float:
+def latencies_ms(model_paths: dict[str, Path], feeds: dict, *, threads: int = 2, warmup: int = 3,
+                 rounds: int = 15) -> dict[str, float]:
+    """Median latency of each model, measured in interleaved rounds (one run of every model per round) so
+    that drift of the machine (caches, frequency, other load) falls on all models alike."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    for _ in range(warmup):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                for name, path in model_paths.items()}
+    for session in sessions.values():
+        for _ in range(warmup):
+            session.run(None, feeds)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run_output(model_path: Path, feeds: dict) -> np.ndarray:
