@@ -3,6 +3,7 @@ baselines calibrated on the same trajectories as ditq, and latency measurement."
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -99,13 +100,17 @@ def latencies_ms(model_paths: dict[str, Path], feeds: dict, *, threads: int = 2,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def run_output(model_path: Path, feeds: dict) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _session(model_path: str):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    return session.run(["out"], feeds)[0]
+    return ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+
+
+def run_output(model_path: Path, feeds: dict) -> np.ndarray:
+    return _session(str(model_path)).run(["out"], feeds)[0]
 
 
 def relative_l2(a: np.ndarray, b: np.ndarray) -> float:

@@ -23,8 +23,6 @@ class WeightQuantSpec:
     """Weights: symmetric (zero point 0, so TensorRT can consume the artifact too), per output channel."""
 
     dtype: str = "int8"
-    per_channel: bool = True
-    symmetric: bool = True
 
     @property
     def qmax(self) -> int:
@@ -41,8 +39,6 @@ class ActivationQuantSpec:
     """
 
     dtype: str = "uint8"
-    per_tensor: bool = True
-    symmetric: bool = False
 
 
 @dataclass(frozen=True)

@@ -88,9 +88,11 @@ class PassManager:
     def run(self, gm: fx.GraphModule, ctx: "CompileContext") -> fx.GraphModule:
         for instrument in self.instruments:
             instrument.before_pipeline(gm, ctx)
+        reference = None  # the current graph's output on the check inputs, computed when first needed
         for index, graph_pass in enumerate(self.passes, start=1):
             graph_pass.check_preconditions(gm, ctx)
-            reference = _evaluate(gm, ctx.check_inputs) if graph_pass.preserves_semantics else None
+            if graph_pass.preserves_semantics and reference is None:
+                reference = _evaluate(gm, ctx.check_inputs)
             start = time.perf_counter()
             result = graph_pass.run(gm, ctx)
             seconds = time.perf_counter() - start
@@ -98,8 +100,11 @@ class PassManager:
             for graph_module in graph_modules(gm):
                 graph_module.graph.lint()
                 graph_module.recompile()
-            if reference is not None and result.modified:
-                self._check_numerics(graph_pass, reference, _evaluate(gm, ctx.check_inputs))
+            if result.modified:
+                after = _evaluate(gm, ctx.check_inputs) if graph_pass.preserves_semantics else None
+                if after is not None:
+                    self._check_numerics(graph_pass, reference, after)
+                reference = after  # a pass that may change the function invalidates the reference
             self.records.append(PassRecord(graph_pass.name, result.modified, result.summary, seconds))
             for instrument in self.instruments:
                 instrument.after_pass(index, graph_pass, result, seconds, ctx)

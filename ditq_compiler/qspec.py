@@ -40,9 +40,6 @@ class LinearQuantParams:
 def quantize_params_from_range(lo: float, hi: float, spec: ActivationQuantSpec) -> tuple[float, int]:
     """Affine uint8 parameters covering ``[lo, hi]``; the range always includes 0 so zero is exact."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    if spec.symmetric:
-        bound = max(-lo, hi)
-        return max(bound / 127.0, 1e-12), 0
     scale = max((hi - lo) / 255.0, 1e-12)
     zero_point = int(round(-lo / scale))
     return scale, min(max(zero_point, 0), 255)
