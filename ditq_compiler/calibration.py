@@ -7,6 +7,12 @@ never activations, so memory stays bounded however long calibration runs.
 
 Phases: *collect* (observers in the graph, see ``passes/calibrate.py``), then *compute* (recipes read
 ``range_over`` for the timesteps of a group).
+
+After the graph is split into timestep-group branches, each branch holds its own copy of the statistics,
+restricted to its group's timesteps (:meth:`ActivationStats.restricted_to`). A fold that makes a layer read
+``(X - z) / s`` instead of ``X`` carries the statistics through exactly (:meth:`TensorStats.transform`):
+for ``s > 0`` the per-channel min and max of ``(X - z)/s`` are ``(min - z)/s`` and ``(max - z)/s``, so no
+recipe re-runs calibration and the next pass sees the ranges of the tensor it will quantize.
 """
 
 from __future__ import annotations
@@ -57,6 +63,23 @@ class TensorStats:
     def timesteps(self) -> list[int]:
         return sorted(self.per_timestep)
 
+    def transform(self, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
+        """The statistics of ``(X - shift) / scale`` (``scale > 0`` per channel), from those of ``X``."""
+        if not bool((scale > 0).all()):
+            raise ValueError(f"{self.key}: smoothing scales must be positive")
+        s = scale.to(torch.float64)
+        z = shift.to(torch.float64) if shift is not None else torch.zeros_like(s)
+        for entry in self.per_timestep.values():
+            entry.channel_min = ((entry.channel_min.to(torch.float64) - z) / s).to(torch.float32)
+            entry.channel_max = ((entry.channel_max.to(torch.float64) - z) / s).to(torch.float32)
+
+    def absmax_per_timestep(self, timesteps: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+        """``[len(timesteps), channels]``: max |X_j| at each calibrated timestep (all when None)."""
+        chosen = self.timesteps if timesteps is None else [t for t in timesteps if t in self.per_timestep]
+        rows = [torch.maximum(self.per_timestep[t].channel_min.abs(), self.per_timestep[t].channel_max.abs())
+                for t in chosen]
+        return chosen, torch.stack(rows)
+
     def range_over(self, timesteps: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (min, max) over the given timesteps (all when None)."""
         chosen = self.timesteps if timesteps is None else [t for t in timesteps if t in self.per_timestep]
@@ -70,13 +93,32 @@ class TensorStats:
 @dataclass
 class ActivationStats:
     tensors: dict[str, TensorStats] = field(default_factory=dict)
-    # Trajectory description, recorded in the manifest.
+    # Trajectory description, recorded in the manifest (sampling order, with repeats across samples).
     timesteps: list[int] = field(default_factory=list)
 
     def get(self, key: str) -> TensorStats:
         if key not in self.tensors:
             raise CalibrationError(f"no calibration statistics recorded for tensor {key}")
         return self.tensors[key]
+
+    def restricted_to(self, keep) -> "ActivationStats":
+        """A deep copy holding only the timesteps for which ``keep(t)`` is true."""
+        copy = ActivationStats(timesteps=[t for t in self.timesteps if keep(t)])
+        for key, tensor in self.tensors.items():
+            entries = {t: TimestepStats(e.channel_min.clone(), e.channel_max.clone(), e.rows)
+                       for t, e in tensor.per_timestep.items() if keep(t)}
+            copy.tensors[key] = TensorStats(key, list(tensor.consumers), entries)
+        return copy
+
+    @staticmethod
+    def union(parts: list["ActivationStats"]) -> "ActivationStats":
+        """Statistics of several branches side by side (their timesteps are disjoint)."""
+        merged = ActivationStats(timesteps=[t for part in parts for t in part.timesteps])
+        for part in parts:
+            for key, tensor in part.tensors.items():
+                target = merged.tensors.setdefault(key, TensorStats(key, list(tensor.consumers)))
+                target.per_timestep.update(tensor.per_timestep)
+        return merged
 
 
 class ActivationObserver(torch.nn.Module):

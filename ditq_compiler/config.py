@@ -13,67 +13,80 @@ matches no linear layer of the model is an error, not a silent no-op.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError
-
-
-@dataclass(frozen=True)
-class WeightQuantSpec:
-    """Weights: symmetric (zero point 0, so TensorRT can consume the artifact too), per output channel."""
-
-    dtype: str = "int8"
-
-    @property
-    def qmax(self) -> int:
-        return {"int8": 127, "int4": 7}[self.dtype]
-
-
-@dataclass(frozen=True)
-class ActivationQuantSpec:
-    """Activations: static, per tensor, asymmetric uint8.
-
-    uint8 with a zero point is the form ONNX Runtime's CPU int8 GEMMs (u8 x s8) consume directly; an
-    int8 activation is converted to it by ORT anyway, and that conversion fails for a tensor read by
-    several layers (q, k and v share their input), which then stay in float. Measured, see README.
-    """
-
-    dtype: str = "uint8"
+from .family import DIT
+from .qspec import QuantizerSpec
 
 
 @dataclass(frozen=True)
 class FormatSpec:
+    """A number format: how weights and activations are quantized (``--format``)."""
+
     name: str
-    weight: WeightQuantSpec | None
-    activation: ActivationQuantSpec | None
+    weight: QuantizerSpec | None
+    activation: QuantizerSpec | None
     implemented: bool
     description: str
 
 
+# Activations: static, per tensor, affine uint8. uint8 with a zero point is the form ONNX Runtime's CPU int8
+# GEMMs (u8 x s8) consume directly; an int8 activation is converted to it by ORT anyway, and that conversion
+# fails for a tensor read by several layers (q, k and v share their input), which then stay in float.
+# Weights: symmetric (zero point 0, so TensorRT can consume the artifact too), per output channel.
 FORMATS: dict[str, FormatSpec] = {
-    "w8a8": FormatSpec("w8a8", WeightQuantSpec(), ActivationQuantSpec(), True,
+    "w8a8": FormatSpec("w8a8", QuantizerSpec.integer("int8", "channel", True),
+                       QuantizerSpec.integer("uint8", "tensor", False), True,
                        "int8 weights per output channel, static uint8 activations per tensor"),
-    "w4a8": FormatSpec("w4a8", WeightQuantSpec(dtype="int4"), ActivationQuantSpec(), False,
+    "w4a8": FormatSpec("w4a8", QuantizerSpec.integer("int4", "channel", True),
+                       QuantizerSpec.integer("uint8", "tensor", False), False,
                        "int4 weights, 8-bit activations"),
     "fp8": FormatSpec("fp8", None, None, False, "FP8 (E4M3) weights and activations"),
     "fp4": FormatSpec("fp4", None, None, False, "FP4 (E2M1) weights and activations"),
 }
 
-RECIPES: dict[str, str] = {
-    "minmax": "activation ranges = min/max over the calibration trajectories; weight scales = per-channel absmax",
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """How quantization parameters are chosen (``--recipe``): the smoothing it computes, on which layer
+    roles, its default ``--alpha`` and whether its smoothing scales are shared by every timestep group."""
+
+    name: str
+    description: str
+    smoothed_roles: tuple[str, ...] = ()
+    default_alpha: float | None = None
+    default_scales: str = "shared"
+
+
+RECIPES: dict[str, RecipeSpec] = {r.name: r for r in (
+    RecipeSpec("minmax", "activation ranges = min/max over the calibration trajectories; weight scales = "
+               "per-channel absmax"),
+    RecipeSpec("smoothquant", "SmoothQuant: s_j = max|X_j|^a / max|W_j|^(1-a) on every quantized input, folded "
+               "where exact", ("qkv", "attn_out", "fc1", "fc2", "adaln"), 0.5),
+    RecipeSpec("ptq4dit", "PTQ4DiT: Spearman-weighted salience balancing on qkv, attn out and fc1, weight "
+               "clipping by quantile search", ("qkv", "attn_out", "fc1")),
+    RecipeSpec("htg", "HTG: per-group channel shift z_g and scale s = sqrt(EMA max|X - z| / max|W|), folded "
+               "into the adaLN rows and V", ("qkv", "attn_out", "fc1")),
+    RecipeSpec("vidit", "ViDiT-Q channel balancing: s_j = act_j^a / max|W_j|^(1-a), act an EMA of per-step "
+               "maxima kept per timestep group", ("qkv", "attn_out", "fc1", "fc2", "adaln"), 0.5, "per-group"),
+    RecipeSpec("dilate", "DilateQuant weight dilation: each input channel gets the largest s >= 1 that widens no "
+               "output channel's weight range", ("qkv", "attn_out", "fc1", "fc2", "adaln")),
+)}
+
+UNFOLDABLE_MODES: dict[str, str] = {
+    "skip": "leave inputs with no exact fold (after GELU or SiLU) unsmoothed",
+    "mul": "smooth them with an explicit multiply (and subtract, for a shift) before their quantizer",
 }
-
-# Default quantized set: every linear of the blocks and the adaLN modulation linears.
-DEFAULT_QUANTIZED_PATTERNS: tuple[str, ...] = (
-    "transformer_blocks.*.attn1.to_q",
-    "transformer_blocks.*.attn1.to_k",
-    "transformer_blocks.*.attn1.to_v",
-    "transformer_blocks.*.attn1.to_out.0",
-    "transformer_blocks.*.ff.net.0.proj",
-    "transformer_blocks.*.ff.net.2",
-    "transformer_blocks.*.norm1.linear",
-)
-
+SCALE_SHARING: dict[str, str] = {
+    "shared": "one smoothing scale for every timestep group (int8 weights stay shared)",
+    "per-group": "smoothing scales per timestep group (each group stores its own weights)",
+}
+WEIGHT_RANGES: dict[str, str] = {
+    "full": "int8 weights in [-127, 127]: exact only on CPUs whose u8 x s8 kernels do not saturate (VNNI/AMX)",
+    "reduced": "7-bit weights in [-63, 63]: exact on every x86 CPU (no int16 saturation), one bit less precise",
+}
 
 @dataclass(frozen=True)
 class LayerRule:
@@ -98,13 +111,18 @@ class CalibrationConfig:
     guidance_scale: float = 4.0
     seed: int = 0
 
-    def validate(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"--calib-steps must be at least 1, got {self.steps}")
-        if self.samples < 1:
-            raise ConfigError(f"--calib-samples must be at least 1, got {self.samples}")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"--guidance-scale must be >= 0, got {self.guidance_scale}")
+    def validate(self, num_train_timesteps: int | None = None) -> None:
+        """Check every number (type, finiteness, range; see ``limits.py`` for why each bound).
+        ``num_train_timesteps``, once the checkpoint's scheduler is known, bounds the steps (DiT's 1000
+        until then)."""
+        from .limits import (DEFAULT_TRAIN_TIMESTEPS, MAX_CALIB_SAMPLES, check_guidance_scale, check_int,
+                             check_seed, check_steps)
+
+        check_steps(self.steps, "--calib-steps", num_train_timesteps or DEFAULT_TRAIN_TIMESTEPS)
+        check_int(self.samples, "--calib-samples", 1, MAX_CALIB_SAMPLES,
+                  "each sample runs in one batch with its guidance twin")
+        check_guidance_scale(self.guidance_scale)
+        check_seed(self.seed)
 
 
 GROUPINGS: dict[str, str] = {
@@ -122,6 +140,13 @@ class CompileConfig:
     # Timestep groups: 1 = one set of parameters for every timestep.
     groups: int = 1
     grouping: str = "uniform"
+    # Smoothing recipes: migration strength (None: the recipe's default), what to do with inputs that have
+    # no exact fold, and whether smoothing scales are shared by the timestep groups (None: recipe default).
+    alpha: float | None = None
+    unfoldable: str = "skip"
+    smooth_scales: str | None = None
+    # int8 weight range: full, or reduced to 7 bits so that u8 x s8 kernels without VNNI cannot saturate.
+    weight_range: str = "reduced"
     # Check after compiling that ONNX Runtime fused every quantized layer into an int8 kernel.
     verify_fusion: bool = True
 
@@ -141,18 +166,55 @@ class CompileConfig:
         if self.groups > self.calibration.steps:
             raise ConfigError(f"--groups {self.groups} needs at least as many calibration steps "
                               f"(--calib-steps {self.calibration.steps}): every group must be calibrated")
+        if self.alpha is not None:
+            if not math.isfinite(self.alpha) or not 0.0 <= self.alpha <= 1.0:
+                raise ConfigError(f"--alpha must be a number in [0, 1], got {self.alpha}")
+            if self.recipe_spec.default_alpha is None:
+                raise ConfigError(f"--alpha applies to the recipes that take a migration strength "
+                                  f"({', '.join(n for n, r in RECIPES.items() if r.default_alpha is not None)}), "
+                                  f"not to {self.recipe!r}")
+        if self.unfoldable not in UNFOLDABLE_MODES:
+            raise ConfigError(f"unknown --unfoldable {self.unfoldable!r}; choose one of {', '.join(UNFOLDABLE_MODES)}")
+        if self.smooth_scales is not None and self.smooth_scales not in SCALE_SHARING:
+            raise ConfigError(f"unknown --smooth-scales {self.smooth_scales!r}; choose one of "
+                              f"{', '.join(SCALE_SHARING)}")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise ConfigError(f"unknown --weight-range {self.weight_range!r}; choose one of {', '.join(WEIGHT_RANGES)}")
         return self
 
     @property
     def format_spec(self) -> FormatSpec:
         return FORMATS[self.format]
 
+    @property
+    def recipe_spec(self) -> RecipeSpec:
+        return RECIPES[self.recipe]
+
+    @property
+    def effective_alpha(self) -> float | None:
+        return self.alpha if self.alpha is not None else self.recipe_spec.default_alpha
+
+    @property
+    def effective_scale_sharing(self) -> str:
+        return self.smooth_scales or self.recipe_spec.default_scales
+
+    @property
+    def weight_spec(self) -> QuantizerSpec:
+        spec = self.format_spec.weight
+        if spec.dtype == "int8" and self.weight_range == "reduced":
+            return QuantizerSpec.integer("int8", spec.granularity, spec.symmetric, bits=7)
+        return spec
+
+    @property
+    def activation_spec(self) -> QuantizerSpec:
+        return self.format_spec.activation
+
     def with_rules(self, *rules: LayerRule) -> "CompileConfig":
         return replace(self, layer_rules=self.layer_rules + tuple(rules))
 
     def select_layers(self, layer_names: list[str]) -> dict[str, bool]:
         """Which of ``layer_names`` are quantized, after defaults and rules (later rules win)."""
-        decision = {name: _matches_any(name, DEFAULT_QUANTIZED_PATTERNS) for name in layer_names}
+        decision = {name: DIT.quantized_by_default(name) for name in layer_names}
         for rule in self.layer_rules:
             matched = [name for name in layer_names if fnmatch.fnmatchcase(name, rule.pattern)]
             if not matched:
@@ -169,6 +231,9 @@ class CompileConfig:
         return {
             "format": self.format,
             "recipe": self.recipe,
+            "recipe_options": {"alpha": self.effective_alpha, "unfoldable": self.unfoldable,
+                               "smooth_scales": self.effective_scale_sharing},
+            "weight_range": self.weight_range,
             "layer_rules": [{"pattern": r.pattern, "quantize": r.quantize} for r in self.layer_rules],
             "grouping": {"groups": self.groups, "method": self.grouping},
             "calibration": {
@@ -178,7 +243,3 @@ class CompileConfig:
                 "seed": self.calibration.seed,
             },
         }
-
-
-def _matches_any(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -1,5 +1,5 @@
-"""What the passes of one compilation share: the configuration, the model's configs, calibration
-statistics and the timestep groups."""
+"""What the passes of one compilation share: the configuration, the model's family and configs,
+calibration statistics, the timestep groups and, after the split, each group branch's own state."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from .calibration import ActivationStats
 from .config import CompileConfig
+from .family import DIT, ModelFamily
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,16 @@ class TimestepGroup:
 
 
 @dataclass
+class BranchState:
+    """What belongs to one timestep group's branch: its group and its calibration statistics (restricted
+    to the group's timesteps, carried through every fold applied to that branch)."""
+
+    index: int
+    group: TimestepGroup
+    stats: ActivationStats
+
+
+@dataclass
 class CompileContext:
     config: CompileConfig
     model_config: dict
@@ -37,6 +48,23 @@ class CompileContext:
     stats: ActivationStats | None = None
     # HTG's calibrated timesteps and merge history (for the dendrogram); empty otherwise.
     grouping_history: dict = field(default_factory=dict)
+    # One entry per timestep group once the graph is split into branches.
+    branches: list[BranchState] = field(default_factory=list)
+    family: ModelFamily = DIT
+    # Smoothing vectors computed by a recipe, waiting to be folded (see passes/smoothing.py).
+    smoothing_plan: object | None = None
+    # A few denoiser inputs per calibrated timestep (timestep -> (sample, timestep, labels)).
+    calibration_inputs: dict = field(default_factory=dict)
+
+    def check_inputs_by_group(self, per_group: int = 2) -> dict[int, list]:
+        """Up to ``per_group`` recorded calibration inputs for each timestep group, spread over the group."""
+        chosen = {}
+        for group in self.timestep_groups:
+            timesteps = sorted(t for t in self.calibration_inputs if group.contains(t))
+            if timesteps:
+                picks = sorted({timesteps[0], timesteps[-1], timesteps[len(timesteps) // 2]})[:per_group]
+                chosen[group.index] = [self.calibration_inputs[t] for t in picks]
+        return chosen
 
     @property
     def num_train_timesteps(self) -> int:

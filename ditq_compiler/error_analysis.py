@@ -4,7 +4,9 @@ The FP model is run along a sampling trajectory; at every quantized linear the l
 (its input through the layer's Q/DQ, times its int8 weight) is compared with the FP output for the same
 input: ``err = ||y_q - y|| / ||y||``. This isolates each layer's own contribution, so a layer that breaks
 (an outlier channel at late timesteps, say) is named even when the end-to-end error is small. The
-parameters are read back from the quantized graph itself, so what is measured is what is exported.
+parameters are read back from the quantized graph itself, so what is measured is what is exported:
+a layer whose input was smoothed reads ``(X - z)/s`` through its folded weight and bias, and so does its
+quantized replica here. A module called several times is hooked per call (``<module>#k``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .qspec import PROVENANCE_KEY
+from .grouped import get_tensor
+from .qspec import PROVENANCE_KEY, SMOOTHING_KEY, InputSmoothing
 from .quant_ops import dequantize, quantize
 from .sampling import iterate_sampling
 
@@ -24,22 +27,39 @@ class LayerQuantization:
     input_scale: torch.Tensor
     input_zero_point: torch.Tensor
     weight: torch.Tensor  # dequantized int8 weight, [in, out]
+    bias: torch.Tensor | None  # the bias the quantized layer adds (folded, dequantized if int32)
+    smoothing: InputSmoothing | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smoothing is not None:
+            x = self.smoothing.apply(x)
+        x_dq = dequantize(quantize(x, self.input_scale, self.input_zero_point, 0), self.input_scale,
+                          self.input_zero_point, 0)
+        y = x_dq @ self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+def _value(gm, node) -> torch.Tensor:
+    """A get_attr node's tensor, or a dequantize of get_attr nodes (the int32 bias)."""
+    if node.op == "get_attr":
+        return get_tensor(gm, node.target)
+    return dequantize(*[_value(gm, arg) for arg in node.args[:3]], node.args[3])
 
 
 def quantized_layers(gm) -> dict[str, LayerQuantization]:
-    """Recover each layer's Q/DQ parameters from the quantized graph's matmul nodes."""
+    """Recover each layer's Q/DQ parameters, folded weights and bias from the quantized graph."""
     layers = {}
     for node in gm.graph.nodes:
         provenance = node.meta.get(PROVENANCE_KEY)
-        if provenance is None or node.target is not torch.ops.aten.matmul.default:
+        if provenance is None or provenance.get("role") != "matmul":
             continue
         x_dq, w_dq = node.args
         _, scale, zero, _ = x_dq.args
-        w_q, w_scale, w_zero, axis = w_dq.args
-        weight = dequantize(gm.get_buffer(w_q.target), gm.get_buffer(w_scale.target),
-                            gm.get_buffer(w_zero.target), axis)
-        layers[provenance["layer"]] = LayerQuantization(gm.get_buffer(scale.target), gm.get_buffer(zero.target),
-                                                        weight)
+        weight = _value(gm, w_dq)
+        adds = [user for user in node.users if user.meta.get(PROVENANCE_KEY, {}).get("role") == "bias_add"]
+        bias = _value(gm, adds[0].args[1]) if adds else None
+        layers[provenance["layer"]] = LayerQuantization(get_tensor(gm, scale.target), get_tensor(gm, zero.target),
+                                                        weight, bias, node.meta.get(SMOOTHING_KEY))
     return layers
 
 
@@ -48,24 +68,27 @@ def measure_layer_errors(model: torch.nn.Module, groups, layers_by_group: list[d
                          guidance_scale: float = 4.0, seed: int = 0) -> dict[str, dict[int, float]]:
     """``layers_by_group[g]``: the quantized layers of timestep group ``groups[g]``'s branch."""
     errors: dict[str, dict[int, float]] = {name: {} for name in layers_by_group[0]}
-    current = {}
+    current = {"calls": {}}
     handles = []
     modules = dict(model.named_modules())
 
-    def make_hook(name: str):
+    def make_hook(module_name: str):
         def hook(module, inputs, output):
-            q = current["layers"][name]
-            x = inputs[0]
-            x_dq = dequantize(quantize(x, q.input_scale, q.input_zero_point, 0), q.input_scale, q.input_zero_point, 0)
-            y_q = x_dq @ q.weight + (module.bias if module.bias is not None else 0)
-            errors[name][current["t"]] = float((y_q - output).norm() / output.norm().clamp_min(1e-12))
+            call = current["calls"].get(module_name, 0)
+            current["calls"][module_name] = call + 1
+            key = module_name if call == 0 else f"{module_name}#{call}"
+            if key not in current["layers"]:
+                return
+            y_q = current["layers"][key](inputs[0])
+            errors[key][current["t"]] = float((y_q - output).norm() / output.norm().clamp_min(1e-12))
         return hook
 
-    for name in errors:
-        handles.append(modules[name].register_forward_hook(make_hook(name)))
+    for module_name in dict.fromkeys(key.split("#")[0] for key in errors):
+        handles.append(modules[module_name].register_forward_hook(make_hook(module_name)))
 
     def denoise(x, t, y):
         current["t"] = int(t[0])  # every row of a sampling batch shares the step's timestep
+        current["calls"] = {}
         group = next(g.index for g in groups if g.contains(current["t"]))
         current["layers"] = layers_by_group[group]
         return model(x, timestep=t, class_labels=y, return_dict=False)[0]

@@ -18,7 +18,7 @@ def inspect_checkpoint(checkpoint, dump_dir: str | Path, config: CompileConfig |
     result = run_pipeline(checkpoint, config, [DumpInstrument(dump_dir)])
     model = export_onnx(result.graph_module, result.context.model_config)
     save_onnx(model, dump_dir / "model.onnx")
-    report = fusion_report(dump_dir / "model.onnx", result.quantized_layers)
+    report = fusion_report(dump_dir / "model.onnx", result.layer_weights)
     lines = [f"# what ONNX Runtime runs ({report.provider}, all optimizations)",
              f"quantized layers fused into int8 kernels: {len(report.layer_ops) - len(report.unfused)} "
              f"of {len(report.layer_ops)}", ""]
@@ -37,8 +37,12 @@ def inspect_checkpoint(checkpoint, dump_dir: str | Path, config: CompileConfig |
                 f"{len(groups)} timestep group(s), grouping {config.grouping}")
     error_table = layer_error_report(result, dump_dir)
     kernels = Counter(report.layer_ops.values())
+    passes = "\n".join(f"  {index:03d} {record.name}: {record.summary}"
+                       for index, record in enumerate(result.pass_manager.records, start=1))
     return (f"wrote {len(result.pass_manager.records) + 1} pass dumps, timings.txt, model.onnx, ort_optimized.txt "
             f"timestep_groups.txt/.png and layer_error.txt/.png to {dump_dir}\n"
+            f"passes (each dump lists the per-layer decisions, e.g. every fold and why one was declined):\n"
+            f"{passes}\n"
             f"timestep groups:\n{table}\n"
             f"ONNX Runtime kernels for the {len(report.layer_ops)} quantized layers: {dict(kernels)}\n"
             f"largest per-layer errors (relative L2 of the layer output, mean over timesteps):\n{error_table}")

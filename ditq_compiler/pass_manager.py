@@ -8,7 +8,10 @@ Modelled on onnx-ir's ``PassBase``/``PassResult`` and TVM's pass instruments:
 * every ditq pass mutates the ``GraphModule`` it is given in place (``in_place = True``) and says so;
 * preconditions are checked before a pass runs and fail with an error naming the pass;
 * after each pass the graph is linted, and a pass that declares ``preserves_semantics`` has its output
-  compared with the previous graph's on the context's check inputs;
+  compared with the previous graph's on the context's check inputs — every timestep-group branch on its
+  own, against the branch (or the single graph) it came from;
+* passes that work branch by branch derive from :class:`BranchPass`: the recursion into the branches
+  happens in that one helper, never in copies;
 * dumps and timings come from instruments, never from prints inside passes.
 """
 
@@ -23,8 +26,10 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 import torch
 from torch import fx
 
+from .grouped import branches_of
+
 if TYPE_CHECKING:
-    from .context import CompileContext
+    from .context import BranchState, CompileContext
 
 
 @dataclass
@@ -51,6 +56,59 @@ class GraphPass:
 
     def __repr__(self) -> str:
         return f"<pass {self.name}>"
+
+
+class BranchPass(GraphPass):
+    """A pass applied to every timestep-group branch. Subclasses implement :meth:`run_branch`, which
+    returns a :class:`BranchResult`; this helper runs it on each branch, merges the counts and details
+    (details are prefixed with the branch's group) and builds the summary with :meth:`summarize`.
+
+    :meth:`begin` runs once before the branches (for work shared by every group: a subclass that computes
+    a value once there and assigns it to every branch keeps it shared)."""
+
+    def check_preconditions(self, gm, ctx):
+        from .errors import PassPreconditionError
+
+        if not hasattr(gm, "graph_modules") or len(ctx.branches) != len(gm.graph_modules()):
+            raise PassPreconditionError(self.name, "the graph is not split into timestep-group branches yet")
+
+    def begin(self, module, ctx: "CompileContext") -> None:
+        pass
+
+    def run_branch(self, gm: fx.GraphModule, ctx: "CompileContext", branch: "BranchState") -> "BranchResult":
+        raise NotImplementedError
+
+    def summarize(self, counts: Counter, ctx: "CompileContext") -> str:
+        return ", ".join(f"{key}: {value}" for key, value in counts.items()) or "nothing to do"
+
+    def run(self, module, ctx):
+        self.begin(module, ctx)
+        per_branch: list[Counter] = []
+        details: list[str] = []
+        modified = False
+        several = len(ctx.branches) > 1
+        for gm, branch in zip(module.graph_modules(), ctx.branches):
+            result = self.run_branch(gm, ctx, branch)
+            modified |= result.modified
+            per_branch.append(Counter(result.counts))
+            group = branch.group
+            prefix = f"[group {group.index}: {group.start}..{group.end}] " if several else ""
+            details += [prefix + line for line in result.details]
+        if all(counts == per_branch[0] for counts in per_branch):
+            summary = self.summarize(per_branch[0], ctx)
+            if several:
+                summary += f" (in each of {len(per_branch)} timestep-group branches)"
+        else:
+            summary = "; ".join(f"group {b.group.index}: {self.summarize(counts, ctx)}"
+                                for b, counts in zip(ctx.branches, per_branch))
+        return PassResult(module, modified, summary, details)
+
+
+@dataclass
+class BranchResult:
+    modified: bool
+    counts: Counter = field(default_factory=Counter)
+    details: list[str] = field(default_factory=list)
 
 
 class PassInstrument:
@@ -112,23 +170,31 @@ class PassManager:
             instrument.after_pipeline(gm, ctx)
         return gm
 
-    def _check_numerics(self, graph_pass: GraphPass, before: torch.Tensor, after: torch.Tensor) -> None:
-        error = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
-        if not error <= self.numerics_rtol:
-            raise NumericsMismatch(
-                f"pass '{graph_pass.name}' declares it preserves semantics but changed the output "
-                f"(max error {error:.2e} relative to max |out|, tolerance {self.numerics_rtol:.0e})"
-            )
+    def _check_numerics(self, graph_pass: GraphPass, before: list[torch.Tensor], after: list[torch.Tensor]) -> None:
+        if len(before) == 1:
+            before = before * len(after)  # a split: every branch must equal the graph it came from
+        for index, (old, new) in enumerate(zip(before, after)):
+            error = relative_max_error(new, old)
+            if not error <= self.numerics_rtol:
+                where = f" in timestep-group branch {index}" if len(after) > 1 else ""
+                raise NumericsMismatch(
+                    f"pass '{graph_pass.name}' declares it preserves semantics but changed the output{where} "
+                    f"(max error {error:.2e} relative to max |out|, tolerance {self.numerics_rtol:.0e})"
+                )
 
 
-def _evaluate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def relative_max_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+
+
+def _evaluate(module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Every branch's output on the same inputs: a branch is a whole model for any timestep, so each is
+    checked on its own (dispatching rows by group would check only the groups the inputs fall in)."""
     with torch.no_grad():
-        return gm(*inputs)
+        return [gm(*inputs) for gm in branches_of(module)]
 
 
-def graph_modules(module) -> list[fx.GraphModule]:
-    """The fx graphs of a pipeline's module: itself, or one per timestep-group branch."""
-    return module.graph_modules() if hasattr(module, "graph_modules") else [module]
+graph_modules = branches_of  # the fx graphs of a pipeline's module
 
 
 def op_histogram(module) -> Counter:

@@ -1,58 +1,206 @@
-"""Frozen quantization decisions written onto fx nodes.
+"""Quantization decisions as typed data, written onto fx nodes and read by every later stage.
 
-The *annotation* pass decides what is quantized and writes a :class:`LinearQuantSpec`; a *recipe*
-pass turns calibration statistics into :class:`LinearQuantParams`; the *insertion* pass reads both and
-rewrites the graph. Deciding and inserting never happen in the same pass.
+* :class:`QuantizerSpec` says how one tensor is quantized (dtype, granularity, range, symmetry). The
+  format preset and the target build it once (``config.py``); passes and the exporter only read it.
+* The *annotation* pass writes a frozen :class:`LinearQuantSpec` on each linear it quantizes: the layer's
+  key, its family role, the key of the tensor it reads, and the specs of its weight, input and bias.
+* A *recipe* turns calibration statistics into :class:`LinearQuantParams` (per timestep-group branch:
+  each branch has its own nodes, so parameters are per group by construction).
+* Smoothing folds record the transform they applied to a layer's input as :class:`InputSmoothing`, so
+  error analysis can feed the quantized layer what it really sees.
+* The *insertion* pass reads specs and parameters and rewrites the graph. Deciding and inserting never
+  happen in the same pass.
+
+Keys (``LinearQuantSpec.layer`` and ``.input_key``) are strings fixed at annotation time. They survive
+node insertion and renaming, unlike fx node names: a layer key is the module name (``...attn1.to_q``),
+with ``#k`` appended for the k-th extra call of a module that runs more than once; an input key is
+``<first reader's layer key>:in``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-
-from .config import ActivationQuantSpec, WeightQuantSpec
 
 SPEC_KEY = "ditq.quant_spec"
 PARAMS_KEY = "ditq.quant_params"
 PROVENANCE_KEY = "ditq.provenance"
+SMOOTHING_KEY = "ditq.input_smoothing"
+LAYER_KEY = "ditq.layer_key"
+
+# Integer grids: (qmin, qmax) and the torch dtype that stores them (the zero point's dtype, as in ONNX).
+_INTEGER_DTYPES = {
+    "int8": (-128, 127, torch.int8),
+    "uint8": (0, 255, torch.uint8),
+    "int4": (-8, 7, torch.int8),  # held in int8 in torch; packed to 4 bits by the exporter
+    "int32": (-(2**31), 2**31 - 1, torch.int32),
+}
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """How one tensor is quantized.
+
+    ``granularity``: ``tensor`` (one scale), ``channel`` (one per output channel), ``block`` (one per
+    ``block_size`` inputs of each output channel) or ``token`` (dynamic, one per row at run time).
+    ``qmin``/``qmax`` may be narrower than the dtype (``reduce_range``: 7-bit weights that cannot
+    saturate the u8 x s8 kernels of CPUs without VNNI).
+    """
+
+    dtype: str
+    granularity: str
+    symmetric: bool
+    qmin: int
+    qmax: int
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype in _INTEGER_DTYPES:
+            lo, hi, _ = _INTEGER_DTYPES[self.dtype]
+            if not lo <= self.qmin < self.qmax <= hi:
+                raise ValueError(f"range [{self.qmin}, {self.qmax}] does not fit {self.dtype}")
+        if (self.granularity == "block") != (self.block_size is not None):
+            raise ValueError("block_size is given exactly for block granularity")
+
+    @classmethod
+    def integer(cls, dtype: str, granularity: str, symmetric: bool, *, bits: int | None = None,
+                block_size: int | None = None) -> "QuantizerSpec":
+        lo, hi, _ = _INTEGER_DTYPES[dtype]
+        if bits is not None:  # a narrower range inside the dtype
+            if lo < 0:
+                lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+            else:
+                hi = 2**bits - 1
+        if symmetric and lo < 0:
+            lo = -hi  # symmetric signed grids drop the lone most negative value
+        return cls(dtype, granularity, symmetric, lo, hi, block_size)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _INTEGER_DTYPES[self.dtype][2]
+
+    @property
+    def levels(self) -> int:
+        return self.qmax - self.qmin
+
+    def describe(self) -> str:
+        extra = f", block {self.block_size}" if self.block_size else ""
+        full = _INTEGER_DTYPES.get(self.dtype)
+        narrowed = "" if full is None or (self.qmin, self.qmax) in ((full[0], full[1]), (-full[1], full[1])) else \
+            f" [{self.qmin}, {self.qmax}]"
+        return f"{self.dtype}{narrowed} per {self.granularity}{extra}, {'symmetric' if self.symmetric else 'affine'}"
 
 
 @dataclass(frozen=True)
 class LinearQuantSpec:
-    layer: str
-    # fx name of the tensor the layer reads: layers reading one tensor (q, k, v) share its Q/DQ pair.
-    input_key: str
-    weight: WeightQuantSpec
-    activation: ActivationQuantSpec
+    """What annotation decided for one linear call."""
+
+    layer: str  # layer key: module name, "#k" for the k-th extra call
+    module: str  # the nn.Module the call belongs to
+    role: str  # the family's name for the layer's job: qkv, attn_out, fc1, fc2, adaln, other
+    input_key: str  # stable key of the tensor it reads; readers of one tensor share its Q/DQ
+    weight: QuantizerSpec
+    activation: QuantizerSpec
+    # "int32": the bias is quantized with scale s_x * s_w (the form ONNX Runtime's QGemm takes);
+    # "float": added in float after the integer GEMM.
+    bias: str = "float"
 
 
 @dataclass(frozen=True)
+class ActivationParams:
+    """One quantizer of an input tensor (in its timestep group's branch)."""
+
+    scale: float
+    zero_point: int
+    low: float  # the calibrated range the parameters cover
+    high: float
+
+
+@dataclass
 class LinearQuantParams:
-    """Per timestep group ``g``: ``input_scale[g]``, ``input_zero_point[g]``; the weight is shared by all groups."""
+    """Parameters of one layer in one branch. ``activation`` is shared by every reader of the tensor."""
 
-    input_scale: tuple[float, ...]
-    input_zero_point: tuple[int, ...]
-    weight_scale: torch.Tensor  # [out_features], float32
+    activation: ActivationParams
+    weight_scale: torch.Tensor  # [out_features] float32 (per channel)
     recipe: str
+    weight_method: str = "absmax"
+    notes: list[str] = field(default_factory=list)
 
 
-def quantize_params_from_range(lo: float, hi: float, spec: ActivationQuantSpec) -> tuple[float, int]:
-    """Affine uint8 parameters covering ``[lo, hi]``; the range always includes 0 so zero is exact."""
+@dataclass(frozen=True)
+class InputSmoothing:
+    """The layer reads ``(X - shift) / scale`` instead of ``X``; its weight became ``W diag(scale)``
+    and its bias ``b + W shift``. ``rule`` names the fold that did it."""
+
+    scale: torch.Tensor  # [channels], float32
+    shift: torch.Tensor | None
+    rule: str
+
+    def then(self, scale: torch.Tensor, shift: torch.Tensor | None, rule: str) -> "InputSmoothing":
+        """Compose with a second smoothing applied on top: ``((X - z1)/s1 - z2)/s2 = (X - (z1 + s1 z2))/(s1 s2)``."""
+        total_shift = self.shift
+        if shift is not None:
+            added = self.scale * shift
+            total_shift = added if total_shift is None else total_shift + added
+        return InputSmoothing(self.scale * scale, total_shift, f"{self.rule}+{rule}")
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift if self.shift is not None else x) / self.scale
+
+
+def quantize_params_from_range(lo: float, hi: float, spec: QuantizerSpec) -> ActivationParams:
+    """Affine parameters covering ``[lo, hi]`` on ``spec``'s grid; the range always includes 0 so zero
+    is exact. Symmetric specs get zero point 0 and ``scale = max(|lo|, |hi|) / qmax``."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / 255.0, 1e-12)
-    zero_point = int(round(-lo / scale))
-    return scale, min(max(zero_point, 0), 255)
+    if spec.symmetric:
+        scale = max(max(-lo, hi) / spec.qmax, 1e-12)
+        return ActivationParams(scale, 0, lo, hi)
+    scale = max((hi - lo) / spec.levels, 1e-12)
+    zero_point = int(round(spec.qmin - lo / scale))
+    return ActivationParams(scale, min(max(zero_point, spec.qmin), spec.qmax), lo, hi)
 
 
-def symmetric_weight_scale(weight: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
+def symmetric_weight_scale(weight: torch.Tensor, spec: QuantizerSpec) -> torch.Tensor:
     """Per-output-channel absmax / qmax, kept away from 0 so that a dead row stays representable."""
     absmax = weight.detach().to(torch.float32).abs().amax(dim=1)
     return (absmax / spec.qmax).clamp_min(1e-12)
 
 
+INT32_MAX = 2**31 - 1
+
+
+def bias_fitting_weight_scale(bias: torch.Tensor, input_scale: float, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The smallest weight scales, no smaller than ``weight_scale``, for which ``round(b / (s_x s_w))``
+    fits int32 — as ONNX Runtime's quantizer does for a bias whose scale is too small.
+
+    Computed in float64: in float32, ``2^31 - 1`` rounds to ``2^31`` and the cast wraps to ``INT32_MIN``.
+    A margin of 1% keeps the rounded value clear of the limit.
+    """
+    needed = bias.detach().to(torch.float64).abs() / (float(input_scale) * (INT32_MAX * 0.99))
+    return torch.maximum(weight_scale.to(torch.float64), needed).to(torch.float32)
+
+
+def quantize_bias_int32(bias: torch.Tensor, input_scale: float, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``round(b / (s_x s_w))`` computed in int64 and checked to fit int32 (never clamped or wrapped)."""
+    bias_scale = float(input_scale) * weight_scale.to(torch.float64)
+    quantized = torch.round(bias.detach().to(torch.float64) / bias_scale).to(torch.int64)
+    if bool((quantized.abs() > INT32_MAX).any()):
+        raise ValueError("int32 bias overflow: raise the weight scale with bias_fitting_weight_scale first")
+    return quantized.to(torch.int32)
+
+
+def layer_specs(gm) -> list[LinearQuantSpec]:
+    """The annotated layers of a graph, in graph order."""
+    return [node.meta[SPEC_KEY] for node in gm.graph.nodes if SPEC_KEY in node.meta]
+
+
+def quantized_layer_weights(gm) -> dict[str, str]:
+    """Layer key -> the name of its quantized weight tensor, for every layer Q/DQ insertion rewrote,
+    in graph order, read back from the provenance insertion recorded."""
+    return {node.meta[PROVENANCE_KEY]["layer"]: node.meta[PROVENANCE_KEY]["weight"] for node in gm.graph.nodes
+            if node.meta.get(PROVENANCE_KEY, {}).get("role") == "matmul"}
+
+
 def quantized_layer_names(gm) -> list[str]:
-    """Layers rewritten by Q/DQ insertion, in graph order, read back from the nodes' provenance."""
-    names = (node.meta[PROVENANCE_KEY]["layer"] for node in gm.graph.nodes
-             if PROVENANCE_KEY in node.meta and node.target is torch.ops.aten.matmul.default)
-    return list(dict.fromkeys(names))
+    return list(quantized_layer_weights(gm))

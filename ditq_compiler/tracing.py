@@ -61,7 +61,28 @@ def trace_dit(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.Gr
     graph.set_codegen(fx.graph.CodeGen())
     gm = fx.GraphModule(unlifted, graph)
     gm.graph.lint()
+    _own_tensors(gm)
     return gm
+
+
+def _own_tensors(gm: fx.GraphModule) -> None:
+    """Give the graph its own copy of every parameter and buffer.
+
+    ``torch.export`` aliases the traced model's tensors; folds that rewrite weights would otherwise
+    corrupt the float model that error analysis uses as its reference. Tensors that the model shares
+    (one object under two names) stay shared in the copy.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    for module in gm.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is None:
+                    continue
+                if id(tensor) not in copies:
+                    data = tensor.detach().clone()
+                    copies[id(tensor)] = torch.nn.Parameter(data, requires_grad=False) \
+                        if isinstance(tensor, torch.nn.Parameter) else data
+                store[name] = copies[id(tensor)]
 
 
 def module_name(node: fx.Node) -> str | None:
@@ -74,21 +95,27 @@ def module_name(node: fx.Node) -> str | None:
 
 @dataclass(frozen=True)
 class LinearSite:
-    """One ``aten.linear`` call: its node, the module it came from, and its operands."""
+    """One ``aten.linear`` call: its node, its layer key, the module it came from, and its operands.
+
+    The layer key is the module name for a module's first call and ``<module>#k`` for its k-th extra
+    call (diffusers' DiT runs block 0's embedder twice: for block 0 and for the final layer)."""
 
     node: fx.Node
     layer: str
+    module: str
     input: fx.Node
     weight: fx.Node
     bias: fx.Node | None
 
 
 def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
-    sites = []
+    sites, calls = [], {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target == torch.ops.aten.linear.default:
             x, weight = node.args[0], node.args[1]
             bias = node.args[2] if len(node.args) > 2 else None
-            layer = module_name(node) or str(weight.target).rsplit(".", 1)[0]
-            sites.append(LinearSite(node, layer, x, weight, bias))
+            module = module_name(node) or str(weight.target).rsplit(".", 1)[0]
+            index = calls[module] = calls.get(module, -1) + 1
+            layer = module if index == 0 else f"{module}#{index}"
+            sites.append(LinearSite(node, layer, module, x, weight, bias))
     return sites

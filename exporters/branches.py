@@ -3,9 +3,13 @@
 Each group's graph becomes the ``then`` branch of an ``If``; the outer graph computes every row's group
 (``sum(timestep > end_g)`` over the groups' ends), gathers the rows of each group, runs that group's
 branch on them when there are any, and scatters the results back in place. Rows whose timestep lies
-outside ``[0, T-1]`` belong to no group and keep a NaN output. An initializer whose name and bytes are
-the same in every branch (every int8 weight when only activation scales differ) is stored once in the
-outer graph, where the branches read it; one that differs is renamed ``<name>__group<g>``.
+outside ``[0, T-1]`` belong to no group and keep a NaN output.
+
+Which initializers are shared is decided by the passes, not here: for every tensor of the fx graphs
+(initializer names are their module paths) ``sharing[name]`` says whether every group holds the same
+object. A shared one is stored once in the outer graph, where the branches read it; a per-group one is
+stored once per group as ``<name>__group<g>``. Constants the ONNX exporter creates itself (shapes, folded
+scalars) are not parameters: they are stored once when equal in every branch, else per group.
 """
 
 from __future__ import annotations
@@ -32,16 +36,24 @@ def _rename_graph(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
                 _rename_graph(attribute.g, mapping)
 
 
-def stitch_group_branches(branches: list[onnx.ModelProto], group_ends: list[int]) -> onnx.ModelProto:
-    first = branches[0]
-    digests: dict[str, str] = {}
+def _shared_initializers(branches: list[onnx.ModelProto], sharing: dict[str, bool]) -> set[str]:
+    names = [{t.name for t in b.graph.initializer} for b in branches]
+    common = set.intersection(*names)
+    shared = {name for name in common if sharing.get(name, False)}
+    exporter_made = common - set(sharing)
+    digests: dict[str, set[str]] = {}
     for branch in branches:
         for tensor in branch.graph.initializer:
-            digest = _digest(tensor)
-            if digests.setdefault(tensor.name, digest) != digest:
-                digests[tensor.name] = "differs"
-    outer_initializers = [t for t in first.graph.initializer if digests[t.name] != "differs"]
-    shared = {t.name for t in outer_initializers}
+            if tensor.name in exporter_made:
+                digests.setdefault(tensor.name, set()).add(_digest(tensor))
+    return shared | {name for name, values in digests.items() if len(values) == 1}
+
+
+def stitch_group_branches(branches: list[onnx.ModelProto], group_ends: list[int],
+                          sharing: dict[str, bool]) -> onnx.ModelProto:
+    first = branches[0]
+    shared = _shared_initializers(branches, sharing)
+    outer_initializers = [t for t in first.graph.initializer if t.name in shared]
 
     out_type = first.graph.output[0].type.tensor_type
     out_dims = [d.dim_value for d in out_type.shape.dim[1:]]

@@ -30,12 +30,16 @@ _KEEP_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 
 def export_onnx(module, model_config: dict) -> onnx.ModelProto:
-    """Export a quantized graph, or a timestep-grouped module as one ``If`` branch per group."""
+    """Export a graph, or a timestep-grouped module: its single branch as is, several as one ``If``
+    branch per group sharing what the passes left shared."""
     if hasattr(module, "graph_modules"):
+        graphs = module.graph_modules()
+        if len(graphs) == 1:
+            return _export_graph(graphs[0], model_config)
         from .branches import stitch_group_branches
 
-        branches = [_export_graph(gm, model_config) for gm in module.graph_modules()]
-        return stitch_group_branches(branches, [group.end for group in module.groups])
+        branches = [_export_graph(gm, model_config) for gm in graphs]
+        return stitch_group_branches(branches, [group.end for group in module.groups], module.tensor_sharing())
     return _export_graph(module, model_config)
 
 

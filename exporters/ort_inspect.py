@@ -1,8 +1,10 @@
 """What ONNX Runtime actually runs: the optimized graph, and which quantized layers it fused.
 
-A layer counts as fused when the node that reads its int8 weight initializer
-(``<layer>.weight_quantized``) in ONNX Runtime's optimized graph is an integer kernel. A layer whose
-weight reaches a float ``MatMul``/``Gemm`` through a ``DequantizeLinear`` is simulated, not quantized.
+A layer counts as fused when the node that reads its quantized weight initializer in ONNX Runtime's
+optimized graph is an integer kernel. The initializer's name comes from Q/DQ insertion (recorded per
+layer, never guessed from the layer's name); with timestep groups a per-group weight is stored as
+``<name>__group<g>`` (the exporter's contract). A layer whose weight reaches a float ``MatMul``/``Gemm``
+through a ``DequantizeLinear`` is simulated, not quantized.
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(sub)
 
 
-def fusion_report(model_path: str | Path, layers: list[str], provider: str = "CPUExecutionProvider") -> FusionReport:
+def fusion_report(model_path: str | Path, layer_weights: dict[str, str],
+                  provider: str = "CPUExecutionProvider") -> FusionReport:
+    """``layer_weights``: layer key -> name of its quantized weight tensor."""
     optimized = optimized_model(model_path, provider)
     nodes = list(_all_nodes(optimized.graph))
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -82,9 +86,8 @@ def fusion_report(model_path: str | Path, layers: list[str], provider: str = "CP
         for name in node.input:
             readers.setdefault(name, []).append(node)
     report = FusionReport(provider=provider, op_counts=Counter(n.op_type for n in nodes))
-    for layer in layers:
+    for layer, weight in layer_weights.items():
         # One reader per timestep-group branch; a weight that differs per group is named <weight>__group<g>.
-        weight = f"{layer}.weight_quantized"
         names = [name for name in readers if name == weight or name.startswith(f"{weight}__group")]
         ops = []
         for name in names:

@@ -4,7 +4,9 @@ from .annotate import AnnotateLinearQuantization
 from .calibrate import CollectActivationStats
 from .grouping import GroupTimesteps
 from .insert_qdq import InsertQuantDequant
-from .minmax import ChooseMinMaxParams
+from .params import ChooseQuantParams
+from .smoothing import FoldSmoothing
+from .split import SplitTimestepGroups
 
-__all__ = ["AnnotateLinearQuantization", "CollectActivationStats", "GroupTimesteps", "ChooseMinMaxParams",
-           "InsertQuantDequant"]
+__all__ = ["AnnotateLinearQuantization", "CollectActivationStats", "GroupTimesteps", "SplitTimestepGroups",
+           "FoldSmoothing", "ChooseQuantParams", "InsertQuantDequant"]

@@ -1,13 +1,21 @@
 """Annotation: decide which linear layers are quantized and how, without touching the graph's code.
 
-For every ``aten.linear`` the pass writes a frozen :class:`LinearQuantSpec` on the node (or records
-why the layer stays in floating point). The decision follows ``CompileConfig.select_layers``: the
-format's default set, then the user's rules, later rules winning.
+For every ``aten.linear`` the pass writes a frozen :class:`LinearQuantSpec` on the node (or records why
+the layer stays in floating point). The decision follows ``CompileConfig.select_layers``: the family's
+default set, then the user's rules, later rules winning. The spec carries everything later stages need:
+
+* the layer key (``<module>`` or ``<module>#k`` for a module's k-th extra call) and the family role;
+* the input key, ``<first reader>:in``, shared by every quantized layer that reads the same tensor
+  (q, k and v), which therefore get one activation quantizer and one joint smoothing vector;
+* the weight and activation quantizer specs of the format (read from the configuration, never assumed);
+* the bias form: layers whose input is 2-d (the adaLN modulation) become ``Gemm`` in ONNX Runtime, whose
+  integer kernel ``QGemm`` needs an int32 bias quantized with ``s_x * s_w``.
 """
 
 from __future__ import annotations
 
-from ..config import DEFAULT_QUANTIZED_PATTERNS
+import fnmatch
+
 from ..errors import PassPreconditionError
 from ..pass_manager import GraphPass, PassResult
 from ..qspec import SPEC_KEY, LinearQuantSpec
@@ -24,30 +32,37 @@ class AnnotateLinearQuantization(GraphPass):
 
     def run(self, gm, ctx):
         sites = linear_sites(gm)
-        layer_names = list(dict.fromkeys(site.layer for site in sites))
-        decision = ctx.config.select_layers(layer_names)
-        spec = ctx.config.format_spec
+        modules = list(dict.fromkeys(site.module for site in sites))
+        decision = ctx.config.select_layers(modules)
+        config = ctx.config
         details, annotated = [], 0
+        input_keys: dict[str, str] = {}  # fx input node -> stable key (first reader's layer key)
         for site in sites:
-            if decision[site.layer]:
-                site.node.meta[SPEC_KEY] = LinearQuantSpec(site.layer, site.input.name, spec.weight, spec.activation)
-                annotated += 1
-                details.append(f"quantize  {site.layer}  (input tensor {site.input.name})")
-            else:
+            if not decision[site.module]:
                 site.node.meta.pop(SPEC_KEY, None)
-                details.append(f"keep fp   {site.layer}  ({_why_fp(site.layer, ctx.config)})")
-        inputs = {site.node.meta[SPEC_KEY].input_key for site in sites if SPEC_KEY in site.node.meta}
-        summary = (f"annotated {annotated} of {len(sites)} linear calls for {spec.name} "
-                   f"({len(inputs)} distinct input tensors to quantize)")
+                details.append(f"keep fp   {site.layer}  ({_why_fp(site.module, ctx)})")
+                continue
+            input_key = input_keys.setdefault(site.input.name, f"{site.layer}:in")
+            two_d = site.input.meta["val"].dim() == 2
+            spec = LinearQuantSpec(
+                layer=site.layer, module=site.module, role=ctx.family.role_of(site.module), input_key=input_key,
+                weight=config.weight_spec, activation=config.activation_spec,
+                bias="int32" if two_d and site.bias is not None else "float",
+            )
+            site.node.meta[SPEC_KEY] = spec
+            annotated += 1
+            details.append(f"quantize  {site.layer}  role {spec.role}, input {input_key}, weight "
+                           f"{spec.weight.describe()}, input {spec.activation.describe()}, bias {spec.bias}")
+        summary = (f"annotated {annotated} of {len(sites)} linear calls for {config.format} "
+                   f"({len(set(input_keys.values()))} distinct input tensors to quantize)")
         return PassResult(gm, modified=annotated > 0, summary=summary, details=details)
 
 
-def _why_fp(layer: str, config) -> str:
-    import fnmatch
-
-    for rule in reversed(config.layer_rules):
-        if fnmatch.fnmatchcase(layer, rule.pattern):
+def _why_fp(module: str, ctx) -> str:
+    for rule in reversed(ctx.config.layer_rules):
+        if fnmatch.fnmatchcase(module, rule.pattern):
             return f"rule {rule.pattern}=fp"
-    if not any(fnmatch.fnmatchcase(layer, p) for p in DEFAULT_QUANTIZED_PATTERNS):
-        return "not a block linear: embedders and the final layer stay in FP by default"
+    role = ctx.family.role_of(module)
+    if not ctx.family.quantized_by_default(module):
+        return f"role {role}: embedders and the final layer stay in FP by default"
     return "excluded"

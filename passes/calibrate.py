@@ -22,13 +22,30 @@ _OBSERVER_PREFIX = "ditq_observer_"
 
 
 def annotated_inputs(gm) -> dict[str, list[str]]:
-    """input tensor name -> layers that read it, for every annotated linear."""
+    """input key -> layers that read that tensor, for every annotated linear."""
     readers: dict[str, list[str]] = {}
     for node in gm.graph.nodes:
         spec = node.meta.get(SPEC_KEY)
         if spec is not None:
             readers.setdefault(spec.input_key, []).append(spec.layer)
     return readers
+
+
+def input_producers(gm) -> dict[str, torch.fx.Node]:
+    """input key -> the node producing that tensor (the first argument of each of its readers).
+
+    Readers that share an input key must read one node; a pass that made them read different nodes
+    broke the contract, and this says which."""
+    producers: dict[str, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        spec = node.meta.get(SPEC_KEY)
+        if spec is None:
+            continue
+        source = node.args[0]
+        if producers.setdefault(spec.input_key, source) is not source:
+            raise RuntimeError(f"readers of {spec.input_key} no longer read one tensor "
+                               f"({producers[spec.input_key].name} vs {source.name} at {spec.layer})")
+    return producers
 
 
 def calibration_labels(num_classes: int, samples: int, seed: int) -> list[int]:
@@ -46,15 +63,15 @@ class CollectActivationStats(GraphPass):
 
     def run(self, gm, ctx):
         readers = annotated_inputs(gm)
-        nodes = {node.name: node for node in gm.graph.nodes}
-        timestep = nodes["timestep"]
+        producers = input_producers(gm)
+        timestep = next(node for node in gm.graph.nodes if node.op == "placeholder" and node.target == "timestep")
         stats = ActivationStats()
         observers = []
         for index, (key, layers) in enumerate(readers.items()):
             stats.tensors[key] = TensorStats(key, layers)
             target = f"{_OBSERVER_PREFIX}{index}"
             gm.add_submodule(target, ActivationObserver(stats.tensors[key]))
-            source = nodes[key]
+            source = producers[key]
             with gm.graph.inserting_after(source):
                 observer = gm.graph.call_module(target, (source, timestep))
             source.replace_all_uses_with(observer, delete_user_cb=lambda user: user is not observer)
@@ -63,8 +80,17 @@ class CollectActivationStats(GraphPass):
 
         calib = ctx.config.calibration
         labels = calibration_labels(int(ctx.model_config["num_embeds_ada_norm"]), calib.samples, calib.seed)
+        recorded = ctx.calibration_inputs
+
+        def denoise(x, t, y):
+            # Keep the first and last row (a conditional and an unconditional one) of each step: the
+            # compile's final check compares ONNX Runtime with the torch graph on these.
+            rows = sorted({0, x.shape[0] - 1})
+            recorded[int(t[0])] = (x[rows].clone(), t[rows].clone(), y[rows].clone())
+            return gm(x, t, y)
+
         try:
-            loop = iterate_sampling(gm, ctx.scheduler_config, ctx.model_config, labels, steps=calib.steps,
+            loop = iterate_sampling(denoise, ctx.scheduler_config, ctx.model_config, labels, steps=calib.steps,
                                     guidance_scale=calib.guidance_scale, seed=calib.seed)
             with torch.no_grad():
                 for t, _, _ in track(loop, total=calib.steps, description="calibrating"):

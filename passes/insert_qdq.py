@@ -1,83 +1,91 @@
-"""Q/DQ insertion: rewrite every annotated ``aten.linear`` into integer-weight form.
+"""Q/DQ insertion: rewrite every annotated ``aten.linear`` of every branch into integer-weight form.
 
-For a layer ``y = x W^T + b`` with parameters from a recipe it emits::
+For a layer ``y = x W^T + b`` with its branch's parameters it emits::
 
-    x_q  = quantize(x, s_x, z_x)                     # uint8, once per input tensor (shared by q/k/v)
+    x_q  = quantize(x, s_x, z_x)                     # activation spec (uint8 affine), once per input tensor
     x_dq = dequantize(x_q, s_x, z_x)
-    W_dq = dequantize(W_q^T, s_w, 0, axis=1)         # W_q = round(W / s_w) in int8, stored [in, out]
+    W_dq = dequantize(W_q^T, s_w, 0, axis=1)         # W_q = clamp(round(W / s_w), qmin, qmax), stored [in, out]
     y    = matmul(x_dq, W_dq) + b
 
 so that ONNX Runtime sees ``DequantizeLinear -> MatMul <- DequantizeLinear(int8 initializer)`` and fuses
-it into ``MatMulIntegerToFloat`` (3-d inputs). A 2-d input (the adaLN modulation) becomes a ``Gemm`` in
-ONNX Runtime, whose int8 form ``QGemm`` requires an int32 bias: ``b_q = round(b / (s_x s_w))`` with
-``DequantizeLinear(b_q, s_x s_w)``. The weight is stored transposed so no Transpose separates it from
-the MatMul. The float weight is dropped from the module once nothing reads it.
+it into ``MatMulIntegerToFloat`` (3-d inputs). A layer whose spec asks for an int32 bias (2-d input, the
+adaLN modulation, which ONNX Runtime turns into ``QGemm``) gets ``b_q = round(b / (s_x s_w))`` computed in
+int64 (the parameter pass already raised weight scales so that it fits) with ``DequantizeLinear(b_q, s_x s_w)``.
+The weight is stored transposed so no Transpose separates it from the MatMul.
+
+Every reader of one tensor (q, k, v) shares one Q/DQ pair; the pass checks that they were given the same
+activation parameters instead of assuming it. Tensors are shared across branches exactly when their
+inputs are (the same float weight and weight-scale objects give the same int8 weight object), so a
+weight that no pass made per-group is stored once in the artifact.
 
 Buffers follow a naming contract (as ONNX Runtime's quantizer names its tensors), so a debugger can pair
 float and quantized tensors of a layer: ``<layer>.weight_quantized``, ``.weight_scale``,
 ``.weight_zero_point``, ``.bias_quantized``, ``.bias_scale``, ``.bias_zero_point``, ``.input_scale``,
-``.input_zero_point``; the Q/DQ nodes are named ``<layer>_input_quantized`` / ``_input_dequantized``.
+``.input_zero_point``, where ``<layer>`` is the layer key (``<module>#k`` for a module's k-th extra call,
+which gets its own container module so that no call overwrites another's tensors). The name of each
+layer's weight tensor is recorded in its provenance, so later stages never derive it.
 """
 
 from __future__ import annotations
 
-import copy
+from collections import Counter
 
 import torch
 
 from ..errors import PassPreconditionError
-from ..pass_manager import GraphPass, PassResult
-from ..qspec import PARAMS_KEY, PROVENANCE_KEY, SPEC_KEY
-from .branches import TimestepGroupedModule
+from ..grouped import TensorMemo, get_tensor
+from ..pass_manager import BranchPass, BranchResult
+from ..qspec import PARAMS_KEY, PROVENANCE_KEY, SMOOTHING_KEY, SPEC_KEY, quantize_bias_int32
 
 _QUANTIZE = torch.ops.ditq.quantize.default
 _DEQUANTIZE = torch.ops.ditq.dequantize.default
 
 
 def _ident(layer: str) -> str:
-    return layer.replace(".", "_")
+    return layer.replace(".", "_").replace("#", "_call")
 
 
-class InsertQuantDequant(GraphPass):
-    """Rewrites the graph; with several timestep groups, one rewritten copy (branch) per group.
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:
+    """``clamp(round(W / s), qmin, qmax)`` per output channel, in the spec's storage dtype, ``[out, in]``."""
+    w = weight.detach().to(torch.float32)
+    return torch.clamp(torch.round(w / scale[:, None]), spec.qmin, spec.qmax).to(spec.torch_dtype)
 
-    With one group the graph is rewritten in place. With ``G`` groups the annotated graph is copied ``G``
-    times and each copy rewritten with its group's parameters; the result is a
-    :class:`TimestepGroupedModule` that dispatches every row of a batch to its group's branch (the torch
-    reference of the exported ``If`` branches). Weights that are the same in every group are
-    deduplicated by the exporter.
-    """
 
+def layer_owner(gm, layer: str, module: str) -> tuple[torch.nn.Module, str]:
+    """The module that holds a layer's quantized tensors, and its path: the layer's own module for its
+    first call, a sibling container ``<module>#k`` for its k-th extra call."""
+    if layer == module:
+        return gm.get_submodule(module), module
+    parent, _, atom = module.rpartition(".")
+    parent_module = gm.get_submodule(parent) if parent else gm
+    name = f"{atom}#{layer.rsplit('#', 1)[1]}"
+    if not hasattr(parent_module, name):
+        parent_module.add_module(name, torch.nn.Module())
+    return getattr(parent_module, name), f"{parent}.{name}" if parent else name
+
+
+class InsertQuantDequant(BranchPass):
     name = "insert_qdq"
     preserves_semantics = False
 
+    def __init__(self):
+        self.memo = TensorMemo()
+
     def check_preconditions(self, gm, ctx):
-        for node in gm.graph.nodes:
-            if SPEC_KEY in node.meta and PARAMS_KEY not in node.meta:
-                raise PassPreconditionError(
-                    self.name, f"{node.meta[SPEC_KEY].layer} is annotated but has no parameters; run a recipe first"
-                )
+        super().check_preconditions(gm, ctx)
+        for branch in gm.graph_modules():
+            for node in branch.graph.nodes:
+                if SPEC_KEY in node.meta and PARAMS_KEY not in node.meta:
+                    raise PassPreconditionError(
+                        self.name, f"{node.meta[SPEC_KEY].layer} is annotated but has no parameters; run a recipe first")
 
-    def run(self, gm, ctx):
-        groups = ctx.timestep_groups
-        if len(groups) == 1:
-            return self._rewrite(gm, ctx, 0)
-        branches, details = [], []
-        for group in groups:
-            branch = copy.deepcopy(gm)
-            result = self._rewrite(branch, ctx, group.index)
-            branch.graph.lint()
-            branch.recompile()
-            branches.append(branch)
-            details += [f"[group {group.index}: {group.start}..{group.end}] {line}" for line in result.details]
-        summary = f"{len(groups)} branches, one per timestep group; each: {result.summary}"
-        return PassResult(TimestepGroupedModule(branches, groups), True, summary, details)
-
-    def _rewrite(self, gm, ctx, group: int) -> PassResult:
+    def run_branch(self, gm, ctx, branch):
         graph = gm.graph
-        dequantized_inputs: dict[str, torch.fx.Node] = {}
-        float_weights: set[str] = set()
-        details, rewritten, gemm_form = [], 0, 0
+        group = branch.index
+        names: dict[int, str] = {}  # one name per tensor object in a branch (a module called twice reuses it)
+        dequantized_inputs: dict[str, tuple[torch.fx.Node, object]] = {}
+        float_tensors: set[str] = set()
+        counts, details = Counter(), []
         for node in list(graph.nodes):
             spec = node.meta.get(SPEC_KEY)
             if spec is None:
@@ -85,73 +93,93 @@ class InsertQuantDequant(GraphPass):
             params = node.meta[PARAMS_KEY]
             x, weight_node = node.args[0], node.args[1]
             bias_node = node.args[2] if len(node.args) > 2 else None
-            float_parameters = [weight_node.target] + ([bias_node.target] if bias_node is not None else [])
-            owner_path = weight_node.target.rsplit(".", 1)[0]
-            owner = gm.get_submodule(owner_path)
+            float_tensors.add(weight_node.target)
+            if spec.bias == "int32" and bias_node is not None:
+                float_tensors.add(bias_node.target)
+            owner, owner_path = layer_owner(gm, spec.layer, spec.module)
             provenance = {"pass": self.name, "layer": spec.layer, "group": group}
 
-            def emit(target, args, name=None, _prov=provenance):
+            def emit(target, args, name=None, role="", _prov=provenance):
                 created = graph.create_node("call_function", target, args, name=name)
-                created.meta[PROVENANCE_KEY] = dict(_prov)
+                created.meta[PROVENANCE_KEY] = {**_prov, "role": role}
                 return created
 
-            def attr(buffer_name: str, value: torch.Tensor, _owner=owner, _path=owner_path):
-                # A module called twice (a shared embedder) sees two inputs: never overwrite a buffer.
-                name, suffix = buffer_name, 1
-                while hasattr(_owner, name):
-                    name, suffix = f"{buffer_name}_{suffix}", suffix + 1
-                _owner.register_buffer(name, value)
-                created = graph.get_attr(f"{_path}.{name}")
-                created.meta[PROVENANCE_KEY] = dict(provenance)
+            def attr(buffer_name: str, value: torch.Tensor, _owner=owner, _path=owner_path, _prov=provenance):
+                if id(value) not in names:
+                    if hasattr(_owner, buffer_name):
+                        raise RuntimeError(f"{_path}.{buffer_name} already exists: two layers share a key")
+                    _owner.register_buffer(buffer_name, value)
+                    names[id(value)] = f"{_path}.{buffer_name}"
+                created = graph.get_attr(names[id(value)])
+                created.meta[PROVENANCE_KEY] = {**_prov, "role": buffer_name}
                 return created
 
             with graph.inserting_before(node):
-                x_dq = dequantized_inputs.get(x.name)
-                if x_dq is None:
-                    scale = attr("input_scale", torch.tensor(params.input_scale[group], dtype=torch.float32))
-                    zero = attr("input_zero_point", torch.tensor(params.input_zero_point[group], dtype=torch.uint8))
-                    x_q = emit(_QUANTIZE, (x, scale, zero, 0), f"{_ident(spec.layer)}_input_quantized")
-                    x_dq = emit(_DEQUANTIZE, (x_q, scale, zero, 0), f"{_ident(spec.layer)}_input_dequantized")
-                    dequantized_inputs[x.name] = x_dq
-                    input_scale = params.input_scale[group]
+                act = params.activation
+                if spec.input_key in dequantized_inputs:
+                    x_dq, first_params = dequantized_inputs[spec.input_key]
+                    if (first_params.scale, first_params.zero_point) != (act.scale, act.zero_point):
+                        raise RuntimeError(f"{spec.layer} reads {spec.input_key} with other activation parameters "
+                                           f"than its first reader; one tensor has one quantizer")
+                    shared_note = " (shares its input's Q/DQ)"
                 else:
-                    input_scale = float(gm.get_buffer(x_dq.args[1].target))
+                    scale = attr("input_scale", torch.tensor(act.scale, dtype=torch.float32))
+                    zero = attr("input_zero_point", torch.tensor(act.zero_point, dtype=spec.activation.torch_dtype))
+                    x_q = emit(_QUANTIZE, (x, scale, zero, 0), f"{_ident(spec.layer)}_input_quantized", "input_q")
+                    x_dq = emit(_DEQUANTIZE, (x_q, scale, zero, 0), f"{_ident(spec.layer)}_input_dequantized",
+                                "input_dq")
+                    dequantized_inputs[spec.input_key] = (x_dq, act)
+                    shared_note = ""
 
-                weight = gm.get_parameter(weight_node.target).detach().to(torch.float32)
-                weight_scale = params.weight_scale.to(torch.float32)
-                qmax = spec.weight.qmax
-                weight_q = torch.clamp(torch.round(weight / weight_scale[:, None]), -qmax, qmax).to(torch.int8)
-                w_q = attr("weight_quantized", weight_q.t().contiguous())
-                w_scale = attr("weight_scale", weight_scale.clone())
-                w_zero = attr("weight_zero_point", torch.zeros(weight_scale.shape, dtype=torch.int8))
-                w_dq = emit(_DEQUANTIZE, (w_q, w_scale, w_zero, 1), f"{_ident(spec.layer)}_weight_dequantized")
-                out = emit(torch.ops.aten.matmul.default, (x_dq, w_dq))
+                weight = get_tensor(gm, weight_node.target)
+                weight_scale = params.weight_scale
+                weight_q = self.memo("weight_q", (weight, weight_scale),
+                                     lambda: quantize_weight(weight, weight_scale, spec.weight).t().contiguous())
+                w_q = attr("weight_quantized", weight_q)
+                w_scale = attr("weight_scale", self.memo("weight_scale", (weight_scale,),
+                                                         lambda: weight_scale.to(torch.float32).clone()))
+                w_zero = attr("weight_zero_point", self.zeros(spec.layer, weight_scale.shape, spec.weight.torch_dtype))
+                w_dq = emit(_DEQUANTIZE, (w_q, w_scale, w_zero, 1), f"{_ident(spec.layer)}_weight_dequantized",
+                            "weight_dq")
+                out = emit(torch.ops.aten.matmul.default, (x_dq, w_dq), role="matmul")
+                out.meta[PROVENANCE_KEY]["weight"] = w_q.target
+                if SMOOTHING_KEY in node.meta:  # what the layer's input went through, for error analysis
+                    out.meta[SMOOTHING_KEY] = node.meta[SMOOTHING_KEY]
                 if bias_node is not None:
-                    bias = gm.get_parameter(bias_node.target).detach().to(torch.float32)
-                    if x.meta["val"].dim() == 2:
-                        bias_scale = input_scale * weight_scale
-                        bias_q = torch.round(bias / bias_scale).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+                    if spec.bias == "int32":
+                        bias = get_tensor(gm, bias_node.target)
+                        bias_q = self.memo(f"bias_q:{act.scale!r}", (bias, weight_scale),
+                                           lambda: quantize_bias_int32(bias, act.scale, weight_scale))
+                        bias_scale = self.memo(f"bias_scale:{act.scale!r}", (weight_scale,),
+                                               lambda: (act.scale * weight_scale.to(torch.float64)).to(torch.float32))
                         b_q = attr("bias_quantized", bias_q)
                         b_scale = attr("bias_scale", bias_scale)
-                        b_zero = attr("bias_zero_point", torch.zeros(bias_q.shape, dtype=torch.int32))
-                        bias_node = emit(_DEQUANTIZE, (b_q, b_scale, b_zero, 0), f"{_ident(spec.layer)}_bias_dequantized")
-                        gemm_form += 1
-                    out = emit(torch.ops.aten.add.Tensor, (out, bias_node))
+                        b_zero = attr("bias_zero_point", self.zeros(spec.layer, bias_q.shape, torch.int32))
+                        bias_node = emit(_DEQUANTIZE, (b_q, b_scale, b_zero, 0),
+                                         f"{_ident(spec.layer)}_bias_dequantized", "bias_dq")
+                        counts["int32 bias"] += 1
+                    out = emit(torch.ops.aten.add.Tensor, (out, bias_node), role="bias_add")
             out.meta["val"] = node.meta.get("val")
             node.replace_all_uses_with(out)
             graph.erase_node(node)
-            float_weights.update(float_parameters)  # each dropped only once nothing reads it
-            rewritten += 1
-            shared = "" if x_dq.args[0].name.startswith(_ident(spec.layer)) else " (shares its input's Q/DQ)"
-            details.append(f"{spec.layer}: int8 weight {tuple(weight_q.shape)}, input scale {input_scale:.4g}{shared}")
+            counts["layers"] += 1
+            details.append(f"{spec.layer}: {spec.weight.dtype} weight {tuple(weight_q.shape)}, input scale "
+                           f"{act.scale:.4g}{shared_note}")
+        counts["activation quantizers"] = len(dequantized_inputs)
+        counts["dropped float tensors"] = self._drop_unused(gm, float_tensors)
+        return BranchResult(counts["layers"] > 0, counts, details)
 
-        dropped = self._drop_unused_float_parameters(gm, float_weights)
-        summary = (f"rewrote {rewritten} linears to Q/DQ form ({len(dequantized_inputs)} activation Q/DQ pairs, "
-                   f"{gemm_form} with int32 bias for QGemm), dropped {dropped} float parameters")
-        return PassResult(gm, modified=rewritten > 0, summary=summary, details=details)
+    def zeros(self, layer: str, shape, dtype) -> torch.Tensor:
+        """A layer's zero points of a symmetric quantizer: one tensor shared by every group."""
+        return self.memo(f"zeros:{layer}:{tuple(shape)}:{dtype}", (), lambda: torch.zeros(shape, dtype=dtype))
+
+    def summarize(self, counts, ctx):
+        return (f"rewrote {counts['layers']} linears to Q/DQ form ({counts['activation quantizers']} activation "
+                f"Q/DQ pairs, {counts['int32 bias']} with int32 bias for QGemm), dropped "
+                f"{counts['dropped float tensors']} float parameters")
 
     @staticmethod
-    def _drop_unused_float_parameters(gm, targets: set[str]) -> int:
+    def _drop_unused(gm, targets: set[str]) -> int:
         dropped = 0
         for node in list(gm.graph.nodes):
             if node.op == "get_attr" and node.target in targets and not node.users:

@@ -12,8 +12,8 @@ from ditq_compiler.context import CompileContext
 from ditq_compiler.errors import CalibrationError, PassPreconditionError
 from ditq_compiler.loading import DEFAULT_SCHEDULER_CONFIG
 from ditq_compiler.pass_manager import NumericsMismatch, PassManager, PassResult, GraphPass
-from ditq_compiler.passes import (AnnotateLinearQuantization, ChooseMinMaxParams, CollectActivationStats,
-                                  InsertQuantDequant)
+from ditq_compiler.passes import (AnnotateLinearQuantization, ChooseQuantParams, CollectActivationStats,
+                                  GroupTimesteps, InsertQuantDequant, SplitTimestepGroups)
 from ditq_compiler.qspec import PARAMS_KEY, PROVENANCE_KEY, SPEC_KEY
 from ditq_compiler.tracing import example_inputs, linear_sites, trace_dit
 
@@ -114,43 +114,69 @@ def test_nan_in_calibration_is_reported_with_layer_and_timestep():
     assert not any("observer" in name for name, _ in gm.named_modules())
 
 
-def _calibrated():
-    gm, ctx, model = _traced()
+def _calibrated(config=CONFIG):
+    """Annotated, calibrated and split into one branch (the module every recipe pass works on)."""
+    gm, ctx, model = _traced(config=config)
     AnnotateLinearQuantization().run(gm, ctx)
     CollectActivationStats().run(gm, ctx)
-    return gm, ctx, model
+    GroupTimesteps(config.groups, config.grouping).run(gm, ctx)
+    module = SplitTimestepGroups().run(gm, ctx).graph_module
+    return module, ctx, model
 
 
-def test_minmax_parameters_cover_the_calibrated_range():
-    gm, ctx, _ = _calibrated()
+def test_params_cover_the_calibrated_range():
+    module, ctx, _ = _calibrated()
+    gm = module.graph_modules()[0]
     before = _run(gm)
-    result = ChooseMinMaxParams().run(gm, ctx)
+    result = ChooseQuantParams("minmax").run(module, ctx)
     assert result.modified and torch.equal(_run(gm), before)
+    weight_qmax = CONFIG.weight_spec.qmax
     for node in gm.graph.nodes:
         if SPEC_KEY not in node.meta:
             continue
         params = node.meta[PARAMS_KEY]
         lo, hi = ctx.stats.get(node.meta[SPEC_KEY].input_key).range_over()
         lo, hi = min(float(lo.min()), 0.0), max(float(hi.max()), 0.0)
-        (scale,), (zero_point,) = params.input_scale, params.input_zero_point  # one timestep group
+        scale, zero_point = params.activation.scale, params.activation.zero_point
         assert scale == pytest.approx((hi - lo) / 255, rel=1e-6)
         assert (0 - zero_point) * scale == pytest.approx(lo, abs=scale / 2 + 1e-7)
         weight = gm.get_parameter(node.args[1].target)
-        assert torch.allclose(params.weight_scale, weight.abs().amax(1) / 127)
+        assert torch.allclose(params.weight_scale, weight.abs().amax(1) / weight_qmax)
 
 
-def test_recipe_needs_calibration():
+def test_readers_of_one_tensor_share_one_activation_quantizer():
+    module, ctx, _ = _calibrated()
+    ChooseQuantParams("minmax").run(module, ctx)
+    gm = module.graph_modules()[0]
+    by_key = {}
+    for node in gm.graph.nodes:
+        if SPEC_KEY in node.meta:
+            by_key.setdefault(node.meta[SPEC_KEY].input_key, set()).add(id(node.meta[PARAMS_KEY].activation))
+    assert all(len(ids) == 1 for ids in by_key.values())
+    # a recipe that gave q and k different parameters is refused at insertion, not silently merged
+    import dataclasses
+
+    to_k = next(n for n in gm.graph.nodes if SPEC_KEY in n.meta and n.meta[SPEC_KEY].layer.endswith("0.attn1.to_k"))
+    params = to_k.meta[PARAMS_KEY]
+    to_k.meta[PARAMS_KEY] = dataclasses.replace(
+        params, activation=dataclasses.replace(params.activation, scale=params.activation.scale * 2))
+    with pytest.raises(RuntimeError, match="to_k reads .* with other activation parameters"):
+        InsertQuantDequant().run(module, ctx)
+
+
+def test_recipe_needs_split_branches():
     gm, ctx, _ = _traced()
     AnnotateLinearQuantization().run(gm, ctx)
-    with pytest.raises(PassPreconditionError, match="pass 'choose_params_minmax' cannot run: no calibration"):
-        PassManager([ChooseMinMaxParams()]).run(gm, ctx)
+    with pytest.raises(PassPreconditionError, match="pass 'choose_params' cannot run: the graph is not split"):
+        PassManager([ChooseQuantParams("minmax")]).run(gm, ctx)
 
 
 def test_insert_qdq_counts_structure_and_numerics():
-    gm, ctx, _ = _calibrated()
-    ChooseMinMaxParams().run(gm, ctx)
+    module, ctx, _ = _calibrated()
+    ChooseQuantParams("minmax").run(module, ctx)
+    gm = module.graph_modules()[0]
     fp_out = _run(gm)
-    result = InsertQuantDequant().run(gm, ctx)
+    result = InsertQuantDequant().run(module, ctx)
     gm.graph.lint()
     gm.recompile()
     ops = _ops(gm)
@@ -206,8 +232,9 @@ def test_dump_instrument_writes_every_pass_and_timings(tmp_path):
     PassManager(build_passes(CONFIG), [DumpInstrument(tmp_path)]).run(gm, ctx)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["000_traced.txt", "001_annotate_quantization.txt", "002_calibrate.txt",
-                     "003_group_timesteps.txt", "004_choose_params_minmax.txt", "005_insert_qdq.txt", "timings.txt"]
-    dump = (tmp_path / "005_insert_qdq.txt").read_text()
+                     "003_group_timesteps.txt", "004_split_groups.txt", "005_choose_params.txt", "006_insert_qdq.txt",
+                     "timings.txt"]
+    dump = (tmp_path / "006_insert_qdq.txt").read_text()
     assert "rewrote 14 linears" in dump and "ditq.quantize.default" in dump and "def forward" in dump
     timings = (tmp_path / "timings.txt").read_text().splitlines()
     assert timings[0].split()[:2] == ["pass", "seconds"] and timings[-1].startswith("total")
