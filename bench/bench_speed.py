@@ -93,7 +93,7 @@ def bench_model(size: str, work: Path, args) -> dict:
     # 4 timestep groups vs 1: the same inputs at one timestep (one branch runs), latency and size.
     groups = {"one_ms": latency["ditq W8A8 minmax"], "four_ms": latency["ditq 4 groups"],
               "one_mb": file_size_mb(artifact.model_path), "four_mb": file_size_mb(grouped.model_path),
-              "compile_s": grouped.manifest["compile_seconds"], "fused": grouped.manifest["fusion"]["fused_layers"],
+              "compile_s": grouped.compile_log["compile_seconds"], "fused": grouped.manifest["fusion"]["fused_layers"],
               "layers": len(grouped.manifest["quantized_layers"])}
     return {"size": size, "rows": rows, "fp32_ms": fp32_ms, "groups": groups,
             "kernels": artifact.manifest["fusion"]["kernels"], "layers": len(artifact.manifest["quantized_layers"])}

@@ -1,57 +1,52 @@
-"""The artifact: a directory holding ``model.onnx`` (+ external data over 2 GB) and ``manifest.json``.
+"""The artifact: a directory holding ``model.onnx`` (+ external data over 2 GB), ``manifest.json`` and
+``compile_log.json``.
 
-Writing is atomic: everything is written into a hidden sibling directory, and only a complete
-directory is renamed into place; a failed compile leaves no artifact and never overwrites a good one.
+* Writing is atomic and never loses a user's files: see :mod:`ditq_compiler.staging`.
+* The manifest holds the sha256 of every model file and a seal over itself; loading checks both (see
+  :mod:`ditq_compiler.integrity`), so a flipped byte is an error, not wrong images.
+* ``compile_log.json`` holds what differs between two identical compiles (wall-clock times). It is
+  listed in the manifest as unhashed and nothing reads it back, so the hashed files of two compiles of
+  the same checkpoint, options and seed are byte-identical.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from .errors import ArtifactError
+from .integrity import (COMPILE_LOG_FILE, FORMAT_VERSION, MANIFEST_FILE, MODEL_FILE, file_records,
+                        manifest_text, parse_manifest, verify_files)
+from .limits import DEFAULT_TRAIN_TIMESTEPS, check_guidance_scale, check_seed, check_steps
 from .sampling import check_timesteps, sample as run_sampling
+from .staging import check_output_dir, recover_interrupted_replace, staging_directory
 
-FORMAT_VERSION = 1
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
+__all__ = ["Artifact", "COMPILE_LOG_FILE", "FORMAT_VERSION", "MANIFEST_FILE", "MODEL_FILE", "check_output_dir",
+           "staging_directory", "write_manifest"]
+
+# A manifest is a few kB; refusing a huge one keeps a corrupt or hostile file from filling memory.
+_MAX_MANIFEST_BYTES = 64 << 20
 
 
-@contextmanager
-def staging_directory(destination: str | Path) -> Iterator[Path]:
-    """Yield an empty directory; on success it replaces ``destination``, on failure it is removed."""
-    destination = Path(destination).resolve()
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    if destination.exists() and not destination.is_dir():
-        raise ArtifactError(f"{destination} exists and is not a directory")
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-    try:
-        yield staging
-        for file in staging.iterdir():  # flush file contents before the rename makes them visible
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        backup = None
-        if destination.exists():
-            backup = destination.parent / f".{destination.name}.old-{staging.name.rsplit('-', 1)[-1]}"
-            os.rename(destination, backup)
-        os.rename(staging, destination)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def write_manifest(directory: Path, manifest: dict, compile_log: dict | None = None) -> dict:
+    """Hash the files ``manifest["files"]`` names, seal the manifest and write it (last: a directory with
+    a manifest is complete), with ``compile_log`` beside it, unhashed. Returns the manifest as written."""
+    directory = Path(directory)
+    unhashed = [COMPILE_LOG_FILE] if compile_log is not None else []
+    full = {**manifest, "format_version": FORMAT_VERSION, "unhashed_files": unhashed,
+            "integrity": {"algorithm": "sha256", "files": file_records(directory, list(manifest["files"]))}}
+    if compile_log is not None:
+        (directory / COMPILE_LOG_FILE).write_text(json.dumps(compile_log, indent=2) + "\n")
+    text = manifest_text(full)
+    (directory / MANIFEST_FILE).write_text(text)
+    return json.loads(text)
 
 
 class Artifact:
-    """A compiled artifact, loaded from its directory."""
+    """A compiled artifact, loaded from its directory and checked against its manifest."""
 
     def __init__(self, path: Path, manifest: dict):
         self.path = path
@@ -59,21 +54,24 @@ class Artifact:
         self._sessions: dict[str, object] = {}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Artifact":
+    def load(cls, path: str | Path, *, verify: bool = True) -> "Artifact":
+        """Read and check the manifest; with ``verify`` (the default) also hash every file against it."""
         path = Path(path)
-        manifest_file = path / MANIFEST_FILE
+        if not path.is_dir():
+            recover_interrupted_replace(path.absolute())  # a replacement killed half way (fallback path only)
         if not path.is_dir():
             raise ArtifactError(f"artifact directory not found: {path}")
+        manifest_file = path / MANIFEST_FILE
         if not manifest_file.is_file() or not (path / MODEL_FILE).is_file():
             raise ArtifactError(f"{path} is not a ditq artifact (needs {MODEL_FILE} and {MANIFEST_FILE})")
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"cannot read {manifest_file}: {exc}") from None
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ArtifactError(f"{path}: artifact format version {version}, this ditq reads {FORMAT_VERSION}")
-        return cls(path, manifest)
+        artifact = cls(path, parse_manifest(_read_manifest_bytes(manifest_file), str(manifest_file)))
+        if verify:
+            artifact.verify()
+        return artifact
+
+    def verify(self) -> None:
+        """Raise an ArtifactError naming the first file that differs from the manifest."""
+        verify_files(self.path, self.manifest)
 
     @property
     def model_path(self) -> Path:
@@ -87,12 +85,32 @@ class Artifact:
     def scheduler_config(self) -> dict:
         return self.manifest["scheduler"]
 
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config.get("num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS))
+
+    @property
+    def compile_log(self) -> dict:
+        """Wall-clock times of the compile (``compile_seconds``, per pass). Unhashed, informative only:
+        an unreadable log is an empty dict, never an error."""
+        try:
+            log = json.loads((self.path / COMPILE_LOG_FILE).read_text())
+        except (OSError, ValueError, RecursionError):
+            return {}
+        return log if isinstance(log, dict) else {}
+
+    @property
+    def weight_range(self) -> str:
+        """The int8 weight range the artifact was compiled with (``full`` needs VNNI/AMX for full speed)."""
+        return str(self.manifest.get("weight_range", "full"))
+
     def session(self, provider: str = "auto", threads: int | None = None):
         key = f"{provider}:{threads}"
         if key not in self._sessions:
             from .runtime import create_session
 
-            self._sessions[key] = create_session(self.model_path, provider, threads)
+            self._sessions[key] = create_session(self.model_path, provider, threads,
+                                                 weight_range=self.weight_range)
         return self._sessions[key]
 
     def denoise(self, sample, timestep, class_labels, provider: str = "auto") -> np.ndarray:
@@ -100,14 +118,36 @@ class Artifact:
         from .runtime import run_denoiser
 
         timestep_tensor = torch.as_tensor(np.asarray(timestep, dtype=np.int64))
-        check_timesteps(timestep_tensor, int(self.scheduler_config.get("num_train_timesteps", 1000)))
+        check_timesteps(timestep_tensor, self.num_train_timesteps)
         return run_denoiser(self.session(provider), np.asarray(sample), timestep_tensor.numpy(),
                             np.asarray(class_labels))
 
     def sample(self, class_labels: list[int], *, steps: int = 50, guidance_scale: float = 4.0, seed: int = 0,
                provider: str = "auto", progress: bool = False) -> torch.Tensor:
+        """Run the sampling loop; numeric options are checked first, and samples that came out NaN or
+        inf are an error rather than a file of garbage."""
+        steps = check_steps(steps, "--steps", self.num_train_timesteps)
+        guidance_scale = check_guidance_scale(guidance_scale)
+        seed = check_seed(seed)
+
         def denoise(x, t, y):
             return torch.from_numpy(self.denoise(x.numpy(), t, y.numpy(), provider=provider))
 
-        return run_sampling(denoise, self.scheduler_config, self.model_config, list(class_labels), steps=steps,
-                            guidance_scale=guidance_scale, seed=seed, progress=progress)
+        samples = run_sampling(denoise, self.scheduler_config, self.model_config, list(class_labels), steps=steps,
+                               guidance_scale=guidance_scale, seed=seed, progress=progress)
+        if not bool(torch.isfinite(samples).all()):
+            raise ArtifactError(f"sampling {self.path} produced NaN or inf (guidance scale {guidance_scale:g}, "
+                                f"{steps} steps); try a lower --guidance-scale, or recompile the artifact")
+        return samples
+
+
+def _read_manifest_bytes(manifest_file: Path) -> bytes:
+    try:
+        with open(manifest_file, "rb") as handle:
+            data = handle.read(_MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {manifest_file}: {exc.strerror}") from None
+    if len(data) > _MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{manifest_file} is larger than {_MAX_MANIFEST_BYTES >> 20} MB; it is no ditq "
+                            "manifest: recompile the artifact")
+    return data

@@ -1,4 +1,9 @@
-"""The ``ditq`` command line: compile, inspect, run."""
+"""The ``ditq`` command line: compile, inspect, run, verify.
+
+Every bad input is one line on stderr and exit code 2: ditq's own errors (:class:`DitqError`) and
+argparse's (an unknown option, a number that does not parse), which argparse would otherwise print as
+a usage block.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import FORMATS, GROUPINGS, RECIPES, CalibrationConfig, CompileConfig, LayerRule
+from .config import (FORMATS, GROUPINGS, RECIPES, SCALE_SHARING, UNFOLDABLE_MODES, WEIGHT_RANGES, CalibrationConfig,
+                     CompileConfig, LayerRule)
 from .errors import DitqError
 
 DESCRIPTION = """\
@@ -33,8 +39,22 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="diffusers DiT directory or original DiT .pt")
     parser.add_argument("--format", default="w8a8", metavar="FORMAT", help=f"number format. {_formats_help()}")
     parser.add_argument("--recipe", default="minmax", metavar="RECIPE",
-                        help="how quantization parameters are chosen. " +
-                             "; ".join(f"{n}: {d}" for n, d in RECIPES.items()))
+                        help="how quantization parameters are chosen (default minmax). " +
+                             "; ".join(f"{n}: {r.description}" for n, r in RECIPES.items()) +
+                             ". Smoothing is folded exactly into the adaLN modulation rows (q/k/v and fc1 inputs) "
+                             "and into V (attention output); `ditq inspect` shows every fold.")
+    parser.add_argument("--alpha", type=float, default=None, metavar="A",
+                        help="migration strength of smoothquant and vidit, in [0, 1] (default 0.5)")
+    parser.add_argument("--unfoldable", default="skip", metavar="MODE",
+                        help="inputs with no exact fold (fc2 after GELU, adaLN after SiLU): " +
+                             "; ".join(f"{n}: {d}" for n, d in UNFOLDABLE_MODES.items()) + " (default skip)")
+    parser.add_argument("--smooth-scales", default=None, metavar="MODE",
+                        help="smoothing scales across timestep groups: " +
+                             "; ".join(f"{n}: {d}" for n, d in SCALE_SHARING.items()) +
+                             " (default: per-group for vidit, shared otherwise)")
+    parser.add_argument("--weight-range", default="reduced", metavar="RANGE",
+                        help="int8 weight range: " + "; ".join(f"{n}: {d}" for n, d in WEIGHT_RANGES.items()) +
+                             " (default reduced)")
     parser.add_argument("--layer", action="append", default=[], metavar="PATTERN=int8|fp",
                         help="quantize (int8) or keep in float (fp) the linear layers whose module name matches "
                              "the glob PATTERN, e.g. 'transformer_blocks.0.*=fp'. Repeatable; applied after the "
@@ -63,13 +83,22 @@ def _config_from(args) -> CompileConfig:
         calibration=CalibrationConfig(steps=args.calib_steps, samples=args.calib_samples,
                                       guidance_scale=args.guidance_scale, seed=args.seed),
         groups=args.groups, grouping=args.grouping,
+        alpha=args.alpha, unfoldable=args.unfoldable, smooth_scales=args.smooth_scales,
+        weight_range=args.weight_range,
         verify_fusion=not args.no_verify,
     ).validate()
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``ditq compile: error: ...``) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditq", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineParser(prog="ditq", description=DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"ditq {__version__}")
@@ -82,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and never overwrites a good one.")
     _add_compile_options(compile_parser)
     compile_parser.add_argument("-o", "--output", type=Path, required=True, metavar="ARTIFACT_DIR")
+    compile_parser.add_argument("--force", action="store_true", help="replace ARTIFACT_DIR even when it exists "
+                                "and is not a ditq artifact, deleting its contents (without --force such a "
+                                "directory is refused; an existing artifact is always replaced atomically)")
     compile_parser.add_argument("--dump-dir", type=Path, help="also write every pass's output there (see inspect)")
 
     inspect_parser = commands.add_parser(
@@ -107,17 +139,26 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
                             help="ONNX Runtime provider: auto picks CUDA when it is usable, else CPU")
     run_parser.add_argument("-o", "--output", type=Path, required=True, metavar="SAMPLES.npz")
+
+    verify_parser = commands.add_parser(
+        "verify", help="check an artifact's files against the sha256 in its manifest",
+        description="Hashes every file of the artifact and compares it with its manifest (which is itself "
+                    "sealed). Prints 'ok', or names the file that differs and exits with code 2.")
+    verify_parser.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
     return parser
+
+
+_ACTIVITY_NAMES = {"compile": "compiling", "inspect": "inspecting", "run": "sampling", "verify": "verifying"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .progress import heartbeat
+
+    commands = {"compile": _compile, "inspect": _inspect, "run": _run, "verify": _verify}
     try:
-        if args.command == "compile":
-            return _compile(args)
-        if args.command == "inspect":
-            return _inspect(args)
-        return _run(args)
+        with heartbeat(_ACTIVITY_NAMES[args.command]):
+            return commands[args.command](args)
     except DitqError as exc:
         print(f"ditq {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -130,12 +171,26 @@ def _compile(args) -> int:
     from .pipeline import compile as compile_checkpoint
 
     config = _config_from(args)
-    artifact = compile_checkpoint(args.checkpoint, args.output, config, dump_dir=args.dump_dir)
+    _check_compile_output(args.checkpoint, args.output, args.force)
+    artifact = compile_checkpoint(args.checkpoint, args.output, config, dump_dir=args.dump_dir, force=args.force)
     fusion = artifact.manifest.get("fusion") or {}
     size = sum((artifact.path / f).stat().st_size for f in artifact.manifest["files"]) / 1e6
     print(f"wrote {artifact.path} ({size:.2f} MB, {len(artifact.manifest['quantized_layers'])} quantized layers"
-          + (f", {fusion['fused_layers']} fused by ONNX Runtime: {fusion['kernels']}" if fusion else "") + ")")
+          + (f", {fusion.get('fused_layers')} fused by ONNX Runtime: {fusion.get('kernels')}" if fusion else "")
+          + ")")
     return 0
+
+
+def _check_compile_output(checkpoint: Path, output: Path, force: bool) -> None:
+    """Refuse a bad -o before a long compile, not after it: a directory that is not an artifact (unless
+    --force), and the checkpoint itself or a directory holding it (even with --force)."""
+    from .artifact import check_output_dir
+    from .errors import ArtifactError
+
+    destination = check_output_dir(output, force)
+    source = checkpoint.resolve()
+    if source == destination or destination in source.parents:
+        raise ArtifactError(f"-o {output} would replace the checkpoint {checkpoint}; choose another -o")
 
 
 def _inspect(args) -> int:
@@ -152,18 +207,36 @@ def _run(args) -> int:
     from .artifact import Artifact
     from .images import save_grid
 
-    artifact = Artifact.load(args.artifact)
+    from .limits import check_guidance_scale, check_seed
+    from .progress import phase
+    from .staging import write_error
+
+    check_guidance_scale(args.guidance_scale)  # before hashing a large model, not after
+    check_seed(args.seed)
+    with phase("verifying the artifact"):
+        artifact = Artifact.load(args.artifact)
     samples = artifact.sample(args.class_labels, steps=args.steps, guidance_scale=args.guidance_scale,
                               seed=args.seed, provider=args.provider, progress=True)
     output = args.output if args.output.suffix == ".npz" else args.output.with_suffix(".npz")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(output, samples=samples.numpy(), class_labels=np.asarray(args.class_labels, dtype=np.int64))
     message = f"wrote {output} ({samples.shape[0]} samples, provider {artifact.session(args.provider).get_providers()[0]})"
-    if samples.shape[1] in (1, 3):
-        png = output.with_suffix(".png")
-        save_grid(samples, png, labels=args.class_labels)
-        message += f" and {png}"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(output, samples=samples.numpy(), class_labels=np.asarray(args.class_labels, dtype=np.int64))
+        if samples.shape[1] in (1, 3):
+            png = output.with_suffix(".png")
+            save_grid(samples, png, labels=args.class_labels)
+            message += f" and {png}"
+    except OSError as exc:
+        raise write_error(exc, "the samples") from None
     print(message)
+    return 0
+
+
+def _verify(args) -> int:
+    from .artifact import Artifact
+
+    Artifact.load(args.artifact, verify=True)
+    print("ok")
     return 0
 
 

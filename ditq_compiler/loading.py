@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,15 +151,11 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def _torch_load_weights(file: Path) -> dict[str, torch.Tensor]:
     try:
-        data = torch.load(str(file), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols: noise beside our one line
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for a bad file
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "Unsupported global" in str(exc):
-            raise CheckpointError(
-                f"{file} holds pickled Python objects besides tensors; ditq loads weights only. "
-                "Re-save just the state dict: torch.save(ckpt['ema'], 'DiT.pt')"
-            ) from None
-        raise CheckpointError(f"cannot read {file} as a torch checkpoint: {message}") from None
+        raise CheckpointError(_torch_load_failure(file, exc)) from None
     if isinstance(data, dict):
         for key in ("ema", "model", "state_dict"):  # DiT training checkpoints nest the weights
             if key in data and isinstance(data[key], dict):
@@ -167,6 +164,28 @@ def _torch_load_weights(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{file} does not hold a state dict of tensors")
     return data
+
+
+def _torch_load_failure(file: Path, exc: Exception) -> str:
+    """One line for a .pt that torch's weights-only loader refused.
+
+    torch's own text advises re-running with ``weights_only=False`` (which runs whatever code the pickle
+    holds) or allowlisting globals; ditq never repeats that advice, so the line is built from the facts:
+    which global the pickle wanted, or which part of it is unreadable.
+    """
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"{file} holds pickled Python objects besides tensors ({found.group(1)}); ditq loads weights only "
+                "and never runs code from a checkpoint. Re-save just the state dict where you trust the file: "
+                "torch.save(ckpt['ema'], 'DiT.pt')")
+    if "Weights only load failed" in text:
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        detail = reason.group(1).strip()[:200] if reason else "unreadable pickle"
+        return f"cannot read {file} as a torch checkpoint ({detail}): it is corrupt or was not written by torch.save"
+    lines = [line for line in text.strip().splitlines() if "weights_only" not in line]
+    detail = lines[0][:200] if lines else type(exc).__name__
+    return f"cannot read {file} as a torch checkpoint: {detail}"
 
 
 def _build_dit(config: dict, where) -> torch.nn.Module:

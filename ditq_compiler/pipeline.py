@@ -10,28 +10,28 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .artifact import FORMAT_VERSION, MANIFEST_FILE, MODEL_FILE, Artifact, staging_directory
+from .artifact import FORMAT_VERSION, MODEL_FILE, Artifact, staging_directory
 from .config import CompileConfig
 from .context import CompileContext
 from .errors import DitqError
 from .loading import LoadedCheckpoint, load_checkpoint
 from .pass_manager import DumpInstrument, GraphPass, PassInstrument, PassManager, graph_modules
-from .passes import (AnnotateLinearQuantization, ChooseMinMaxParams, CollectActivationStats, GroupTimesteps,
-                     InsertQuantDequant)
-from .qspec import quantized_layer_names
+from .passes import (AnnotateLinearQuantization, CollectActivationStats, GroupTimesteps, InsertQuantDequant,
+                     SplitTimestepGroups)
+from .passes.recipes import recipe_passes
+from .qspec import quantized_layer_weights
 from .tracing import INPUT_NAMES, OUTPUT_NAME, example_inputs, trace_dit
-
-RECIPE_PASSES: dict[str, type[GraphPass]] = {"minmax": ChooseMinMaxParams}
 
 
 def build_passes(config: CompileConfig) -> list[GraphPass]:
-    """The pipeline: decide what to quantize, calibrate, group timesteps, choose parameters per group,
-    insert Q/DQ (one branch per group)."""
+    """The pipeline: decide what to quantize, calibrate, group timesteps, split the graph into one branch
+    per group, run the recipe on every branch (smoothing, its folds, parameters), insert Q/DQ."""
     return [
         AnnotateLinearQuantization(),
         CollectActivationStats(),
         GroupTimesteps(config.groups, config.grouping),
-        RECIPE_PASSES[config.recipe](),
+        SplitTimestepGroups(),
+        *recipe_passes(config),
         InsertQuantDequant(),
     ]
 
@@ -42,24 +42,38 @@ class CompileResult:
     context: CompileContext
     checkpoint: LoadedCheckpoint
     pass_manager: PassManager
-    quantized_layers: list[str]
+    layer_weights: dict[str, str]  # quantized layer key -> its weight tensor's name
+
+    @property
+    def quantized_layers(self) -> list[str]:
+        return list(self.layer_weights)
 
 
 def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfig | None = None,
                  instruments: list[PassInstrument] | None = None) -> CompileResult:
     """Load, trace and run the passes; returns the quantized fx graph (the torch reference)."""
+    from .progress import phase
+
     config = (config or CompileConfig()).validate()
-    loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+    if isinstance(checkpoint, LoadedCheckpoint):
+        loaded = checkpoint
+    else:
+        with phase("loading the checkpoint"):
+            loaded = load_checkpoint(checkpoint)
+    config.calibration.validate(int(loaded.scheduler_config.get("num_train_timesteps", 1000)))
     torch.manual_seed(config.calibration.seed)
     check_inputs = example_inputs(loaded.model_config, batch=2, seed=config.calibration.seed)
-    gm = trace_dit(loaded.model, check_inputs)
+    with phase("tracing"):
+        gm = trace_dit(loaded.model, check_inputs)
     ctx = CompileContext(config, loaded.model_config, loaded.scheduler_config, check_inputs)
     manager = PassManager(build_passes(config), instruments or [])
     gm = manager.run(gm, ctx)
-    return CompileResult(gm, ctx, loaded, manager, quantized_layer_names(graph_modules(gm)[0]))
+    return CompileResult(gm, ctx, loaded, manager, quantized_layer_weights(graph_modules(gm)[0]))
 
 
-def build_manifest(result: CompileResult, fusion: dict | None, files: list[str], compile_seconds: float) -> dict:
+def build_manifest(result: CompileResult, fusion: dict | None, files: list[str]) -> dict:
+    """Everything about the artifact except wall-clock times (those go to compile_log.json), so the same
+    checkpoint, options and seed give the same bytes. Hashes and the seal are added by write_manifest."""
     config = result.context.config
     stats = result.context.stats
     return {
@@ -79,37 +93,77 @@ def build_manifest(result: CompileResult, fusion: dict | None, files: list[str],
         },
         "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": ["batch", "out_channels", "height", "width"]}},
         "quantized_layers": result.quantized_layers,
+        "quantized_weights": result.layer_weights,
         "files": files,
         "fusion": fusion,
-        "passes": [{"name": r.name, "modified": r.modified, "summary": r.summary, "seconds": round(r.seconds, 3)}
+        "passes": [{"name": r.name, "modified": r.modified, "summary": r.summary}
                    for r in result.pass_manager.records],
-        "compile_seconds": round(compile_seconds, 2),
     }
 
 
 def compile(checkpoint: str | Path, output_dir: str | Path, config: CompileConfig | None = None, *,
-            dump_dir: str | Path | None = None) -> Artifact:
-    """Compile ``checkpoint`` into an artifact directory at ``output_dir`` (written atomically)."""
-    from .exporters import export_onnx, fusion_report, save_onnx
+            dump_dir: str | Path | None = None, force: bool = False) -> Artifact:
+    """Compile ``checkpoint`` into an artifact directory at ``output_dir`` (written atomically).
 
+    ``output_dir`` may be missing, empty or a ditq artifact; any other directory is replaced only with
+    ``force`` (its contents are deleted)."""
+    return compile_with_result(checkpoint, output_dir, config, dump_dir=dump_dir, force=force)[0]
+
+
+def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: CompileConfig | None = None, *,
+                        dump_dir: str | Path | None = None, force: bool = False) -> tuple[Artifact, CompileResult]:
+    """:func:`compile`, also returning the pipeline's result (the torch fake-quant graph the artifact was
+    exported from, its context and pass records)."""
+    from .artifact import check_output_dir, write_manifest
+    from .exporters import export_onnx, fusion_report, save_onnx
+    from .progress import phase
+
+    check_output_dir(output_dir, force)  # refuse a user's directory before minutes of work, not after
     start = time.perf_counter()
     instruments = [DumpInstrument(dump_dir)] if dump_dir else []
     result = run_pipeline(checkpoint, config, instruments)
-    model = export_onnx(result.graph_module, result.context.model_config)
-    with staging_directory(output_dir) as staging:
-        files = save_onnx(model, staging / MODEL_FILE)
+    with phase("exporting to ONNX"):
+        model = export_onnx(result.graph_module, result.context.model_config)
+    with staging_directory(output_dir, force=force) as staging:
+        with phase("writing the artifact"):
+            files = save_onnx(model, staging / MODEL_FILE)
         fusion = None
         if result.context.config.verify_fusion:
-            report = fusion_report(staging / MODEL_FILE, result.quantized_layers)
+            with phase("checking ONNX Runtime's fusion"):
+                report = fusion_report(staging / MODEL_FILE, result.layer_weights)
             if report.unfused:
                 raise DitqError(
                     f"ONNX Runtime did not fuse {len(report.unfused)} quantized layers into int8 kernels "
                     f"(e.g. {next(iter(report.unfused.items()))}); the artifact would not run quantized"
                 )
             fusion = report.to_manifest()
-        manifest = build_manifest(result, fusion, files, time.perf_counter() - start)
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    return Artifact.load(output_dir)
+        with phase("checking ONNX Runtime's numerics against the torch graph"):
+            numerics = check_numerics(staging / MODEL_FILE, result)
+        compile_log = {"compile_seconds": round(time.perf_counter() - start, 2),
+                       "passes": [{"name": r.name, "seconds": round(r.seconds, 3)}
+                                  for r in result.pass_manager.records]}
+        write_manifest(staging, {**build_manifest(result, fusion, files), "numerics": numerics.to_manifest()},
+                       compile_log)
+    return Artifact.load(output_dir), result
+
+
+def check_numerics(model_path: Path, result: CompileResult):
+    """ONNX Runtime against the torch fake-quant graph on recorded calibration inputs, per timestep group;
+    an artifact that disagrees is refused (``ditq_compiler.numerics`` states the tolerance)."""
+    from .numerics import check_against_torch
+    from .runtime import create_session
+
+    config = result.context.config
+    session = create_session(model_path, "cpu", weight_range=config.weight_range)
+    report = check_against_torch(session, result.graph_module, result.context.check_inputs_by_group())
+    if not report.ok:
+        group, worst = report.worst
+        hint = ""
+        if config.weight_range == "full":
+            hint = "; this CPU's int8 kernels may saturate full-range weights: try --weight-range reduced"
+        raise DitqError(f"ONNX Runtime's output differs from the torch fake-quant graph in timestep group {group} "
+                        f"({worst.describe()}); the artifact would not compute what was calibrated{hint}")
+    return report
 
 
 def _jsonable(config) -> dict:

@@ -56,13 +56,10 @@ def fast_config():
 @pytest.fixture(scope="session")
 def compiled_tiny(tiny_dit_dir, fast_config, tmp_path_factory):
     """(artifact, pipeline result) of the tiny DiT, compiled once for the session."""
-    from ditq_compiler import compile as compile_checkpoint
-    from ditq_compiler.pipeline import run_pipeline
+    from ditq_compiler.pipeline import compile_with_result
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny-w8a8"
-    artifact = compile_checkpoint(tiny_dit_dir, out, fast_config)
-    result = run_pipeline(tiny_dit_dir, fast_config)  # same seed: the same quantized graph as exported
-    return artifact, result
+    return compile_with_result(tiny_dit_dir, out, fast_config)
 
 
 def read_json(path):

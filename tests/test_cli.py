@@ -39,7 +39,7 @@ def test_compile_run_inspect(tiny_dit_dir, tmp_path, capsys):
     dumps = tmp_path / "dumps"
     assert main(["inspect", str(tiny_dit_dir), "--dump-dir", str(dumps), *FAST]) == 0
     names = {p.name for p in dumps.iterdir()}
-    assert {"000_traced.txt", "005_insert_qdq.txt", "timings.txt", "model.onnx", "ort_optimized.txt",
+    assert {"000_traced.txt", "006_insert_qdq.txt", "timings.txt", "model.onnx", "ort_optimized.txt",
             "layer_error.txt", "layer_error.png"} <= names
     assert "fused into int8 kernels: 14 of 14" in (dumps / "ort_optimized.txt").read_text()
 

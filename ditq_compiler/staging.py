@@ -1,0 +1,317 @@
+"""Write a directory atomically beside its destination, and never lose what was there.
+
+The contract a compile keeps, whatever happens to the process (an exception, a full disk, ``kill -9``):
+
+* the destination holds either the previous complete artifact or the new complete one, never a mix and
+  never nothing;
+* a directory that is not a ditq artifact is never replaced unless the caller passes ``force``;
+* what a killed compile leaves behind is a hidden sibling of ditq's own naming
+  (``.NAME.tmp-XXXXXXXX``, or ``.NAME.old-XXXXXXXX`` from the fallback below), which the next compile
+  to the same destination removes, once it knows that no live compile is using it.
+
+How the replacement is made atomic: on Linux, ``renameat2(RENAME_EXCHANGE)`` swaps the staging
+directory and the destination in one step; the old artifact ends at the staging name and is removed.
+Where the kernel or the file system cannot exchange, the fallback renames the old artifact to
+``.NAME.old-XXXXXXXX`` and the staging directory into place; a kill between those two renames leaves no
+artifact at the destination for a moment, and :func:`recover_interrupted_replace` (run by the next
+compile and by ``Artifact.load``) renames the backup back.
+
+Liveness of a staging directory is an ``flock`` on it, held by the compile that created it: the kernel
+drops it when the process dies, so a directory nobody holds is stale. Directories are created with
+``os.mkdir`` (the umask applies, as for any ``mkdir``), so another user's serving process can read the
+artifact when the umask allows it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ArtifactError, DitqError
+from .integrity import KNOWN_FILES, MANIFEST_FILE
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: liveness falls back to the age of the directory
+    fcntl = None
+
+_SUFFIX_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"  # tempfile's, so older ditq's leftovers match too
+_SUFFIX_LENGTH = 8
+_STALE_AGE_WITHOUT_LOCKS = 24 * 3600.0
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+class WriteError(DitqError, OSError):
+    """Writing a file failed (disk full, a file-size limit, permissions). Still an ``OSError``, so callers
+    that catch those keep working; a ``DitqError``, so the CLI prints it as one line."""
+
+
+def write_error(exc: OSError, what: str) -> WriteError:
+    """One line for a failed write, with the cause a user can act on."""
+    target = f" {exc.filename}" if exc.filename else ""
+    hint = " (disk full or a file-size limit: free space or choose another -o)" \
+        if exc.errno in _DISK_FULL_ERRNOS else ""
+    return WriteError(f"cannot write {what}:{target}: {exc.strerror or exc}{hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What may be replaced
+# ---------------------------------------------------------------------------------------------
+
+def is_artifact_directory(path: Path) -> bool:
+    """A directory ditq wrote (any format version): only artifact file names and a manifest with a
+    format_version. Such a directory may be replaced without ``--force``; an empty one too."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return False
+    if not entries:
+        return True
+    if any(entry.name not in KNOWN_FILES or not entry.is_file(follow_symlinks=False) for entry in entries):
+        return False
+    try:
+        with open(path / MANIFEST_FILE, "rb") as handle:
+            manifest = json.loads(handle.read(1 << 24))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and "format_version" in manifest
+
+
+def check_output_dir(destination: str | Path, force: bool = False) -> Path:
+    """Refuse a destination that would lose a user's files; returns it resolved.
+
+    A missing path, an empty directory and a ditq artifact may be replaced; any other directory only
+    with ``force``; a file never.
+    """
+    destination = Path(destination).resolve()
+    if destination.is_symlink() or (destination.exists() and not destination.is_dir()):
+        raise ArtifactError(f"{destination} exists and is not a directory; choose another -o")
+    if destination.is_dir() and not force and not is_artifact_directory(destination):
+        sample = sorted(p.name for p in destination.iterdir())[:3]
+        raise ArtifactError(f"{destination} exists and is not a ditq artifact (it holds {', '.join(sample)}"
+                            f"{', ...' if len(sample) == 3 else ''}); choose another -o, or pass --force to "
+                            "replace it and delete its contents")
+    return destination
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging
+# ---------------------------------------------------------------------------------------------
+
+@contextmanager
+def staging_directory(destination: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield an empty directory beside ``destination``; on success it replaces ``destination`` atomically,
+    on failure it is removed and ``destination`` is untouched.
+
+    ``OSError`` raised while writing becomes a one-line :class:`WriteError`.
+    """
+    destination = check_output_dir(destination, force)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        recover_interrupted_replace(destination)
+        remove_stale_staging(destination)
+        staging, lock = _create_locked_staging(destination)
+    except OSError as exc:
+        raise write_error(exc, f"the artifact {destination}") from None
+    try:
+        try:
+            yield staging
+            _sync_tree(staging)
+            check_output_dir(destination, force)  # someone may have put files there while we compiled
+            _replace(staging, destination)
+        except OSError as exc:
+            raise write_error(exc, f"the artifact {destination}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the new artifact's old place, or the old artifact
+        if lock is not None:
+            os.close(lock)
+
+
+def _random_suffix() -> str:
+    return "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(_SUFFIX_LENGTH))
+
+
+def _create_locked_staging(destination: Path) -> tuple[Path, int | None]:
+    """mkdir (with the umask) then lock; a cleaner that removed it in between makes us take another name."""
+    for _ in range(100):
+        staging = destination.parent / f".{destination.name}.tmp-{_random_suffix()}"
+        try:
+            os.mkdir(staging, 0o777)
+        except FileExistsError:
+            continue
+        if fcntl is None:  # no flock (Windows): liveness is the directory's age, nothing to hold
+            return staging, None
+        fd = os.open(staging, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _is_same_directory(fd, staging):
+            return staging, fd
+        os.close(fd)
+    raise FileExistsError(errno.EEXIST, "no free staging name", str(destination.parent))
+
+
+def _is_same_directory(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def _sync_tree(directory: Path) -> None:
+    """Flush file contents and the directory entry before a rename makes them visible."""
+    for file in directory.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the data itself was synced
+    finally:
+        os.close(fd)
+
+
+def _replace(staging: Path, destination: Path) -> None:
+    """Put ``staging`` at ``destination``; what was there ends at ``staging`` (removed by the caller)."""
+    if not destination.exists():
+        os.rename(staging, destination)
+    elif not exchange(staging, destination):
+        backup = destination.parent / f".{destination.name}.old-{_random_suffix()}"
+        os.rename(destination, backup)
+        try:
+            os.rename(staging, destination)  # a kill before this line: recover_interrupted_replace undoes it
+        except OSError:
+            os.rename(backup, destination)  # an error (not a kill): put the old artifact back at once
+            raise
+        os.rename(backup, staging)
+    _fsync_directory(destination.parent)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux ``renameat2(RENAME_EXCHANGE)``; False where that is unavailable
+    (another OS, an old kernel or C library, a file system without support), so the caller falls back."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+_RENAMEAT2 = None
+
+
+def _renameat2():
+    global _RENAMEAT2
+    if _RENAMEAT2 is None:
+        try:
+            function = ctypes.CDLL(None, use_errno=True).renameat2
+            function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            function.restype = ctypes.c_int
+            _RENAMEAT2 = function
+        except (OSError, AttributeError, TypeError):
+            _RENAMEAT2 = False
+    return _RENAMEAT2 or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Leftovers of killed compiles
+# ---------------------------------------------------------------------------------------------
+
+def leftover_pattern(destination: Path) -> re.Pattern:
+    """ditq's own naming for siblings of ``destination``: nothing else is ever removed."""
+    return re.compile(rf"\.{re.escape(destination.name)}\.(tmp|old)-[{_SUFFIX_ALPHABET}]{{{_SUFFIX_LENGTH}}}")
+
+
+def leftovers(destination: Path) -> list[Path]:
+    pattern = leftover_pattern(destination)
+    try:
+        return sorted(p for p in destination.parent.iterdir() if pattern.fullmatch(p.name) and not p.is_symlink())
+    except OSError:
+        return []
+
+
+def remove_stale_staging(destination: Path) -> list[Path]:
+    """Remove the leftovers of killed compiles beside ``destination``: only ditq's naming, only directories
+    no live compile holds, only if they hold nothing but artifact files. Returns what was removed."""
+    removed = []
+    for path in leftovers(Path(destination)):
+        with _unless_live(path) as stale:
+            if stale and _holds_only_artifact_files(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def recover_interrupted_replace(destination: Path) -> Path | None:
+    """Where a fallback replacement was killed between its two renames, the destination is missing and the
+    previous artifact waits at ``.NAME.old-*``: rename it back. Returns the restored path, if any."""
+    destination = Path(destination)
+    if destination.exists() or destination.is_symlink():
+        return None
+    backups = [p for p in leftovers(destination) if ".old-" in p.name]
+    if len(backups) != 1:
+        return None  # none, or ambiguous: leave them for a person to look at
+    backup = backups[0]
+    with _unless_live(backup) as stale:
+        if stale and is_artifact_directory(backup) and any(backup.iterdir()):
+            try:
+                os.rename(backup, destination)
+            except OSError:
+                return None
+            return destination
+    return None
+
+
+@contextmanager
+def _unless_live(path: Path) -> Iterator[bool]:
+    """Yield whether ``path`` is stale, holding its lock meanwhile so no compile can start using it."""
+    if fcntl is None:
+        try:
+            stale = time.time() - path.stat().st_mtime > _STALE_AGE_WITHOUT_LOCKS
+        except OSError:
+            stale = False
+        yield stale
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stale = True
+        except OSError:
+            stale = False  # a live compile holds it
+        yield stale
+    finally:
+        os.close(fd)
+
+
+def _holds_only_artifact_files(path: Path) -> bool:
+    try:
+        return path.is_dir() and all(e.name in KNOWN_FILES and e.is_file(follow_symlinks=False)
+                                     for e in os.scandir(path))
+    except OSError:
+        return False
