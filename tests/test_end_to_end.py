@@ -179,3 +179,27 @@ def test_large_models_use_external_data(tiny_dit_dir, fast_config, tmp_path, mon
     assert artifact.manifest["fusion"]["unfused"] == {}
     x, t, y = example_inputs(TINY_CONFIG, batch=2, seed=1)
     assert np.isfinite(artifact.denoise(x.numpy(), t.numpy(), y.numpy(), provider="cpu")).all()
+
+
+def test_full_range_weights_are_exact_on_any_cpu(tiny_dit_dir, tmp_path):
+    """Full-range int8 weights: where this CPU's u8 x s8 kernels saturate (no VNNI/AMX), the artifact runs in
+    ONNX Runtime's exact U8U8 mode and the compile's numeric check passes; without that mode it would not."""
+    import onnxruntime as ort
+
+    from ditq_compiler import CalibrationConfig, CompileConfig
+    from ditq_compiler.cpu import u8s8_saturates
+    from ditq_compiler.pipeline import compile_with_result
+
+    config = CompileConfig(calibration=CalibrationConfig(steps=4, samples=2), weight_range="full")
+    artifact, result = compile_with_result(tiny_dit_dir, tmp_path / "art", config)
+    assert artifact.manifest["weight_range"] == "full" and artifact.manifest["numerics"]["groups"]
+    x, t, y = example_inputs(TINY_CONFIG, batch=4, seed=2)
+    feeds = {"sample": x.numpy(), "timestep": t.numpy(), "class_labels": y.numpy()}
+    with torch.no_grad():
+        expected = result.graph_module(x, t, y).numpy()
+    assert agreement(artifact.session("cpu").run(["out"], feeds)[0], expected).ok
+    if u8s8_saturates():
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        plain = ort.InferenceSession(str(artifact.model_path), options, providers=["CPUExecutionProvider"])
+        assert not agreement(plain.run(["out"], feeds)[0], expected).ok  # the saturation is real here

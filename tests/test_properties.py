@@ -184,6 +184,46 @@ def test_weight_scales_are_positive_and_keep_dead_rows_representable(weight, spe
 
 
 # ---------------------------------------------------------------------------------------------
+# int32 bias (qspec.bias_fitting_weight_scale, qspec.quantize_bias_int32)
+# ---------------------------------------------------------------------------------------------
+
+finite_bias = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, width=32)
+
+
+@PROPERTY
+@given(bias=hnp.arrays(np.float32, st.integers(1, 16), elements=finite_bias),
+       input_scale=st.floats(min_value=1e-8, max_value=10.0),
+       weight_scale=hnp.arrays(np.float32, 16, elements=st.floats(min_value=float(np.float32(1e-12)), max_value=1.0, width=32)))
+def test_int32_bias_never_overflows_and_stays_within_half_a_step(bias, input_scale, weight_scale):
+    """Whatever the bias and scales (a dead row has s_w = 1e-12), the fitted weight scale makes
+    round(b / (s_x s_w)) fit int32, never shrinks a scale, and the bias is exact to half a step."""
+    from ditq_compiler.qspec import INT32_MAX, bias_fitting_weight_scale, quantize_bias_int32
+
+    bias_t = torch.from_numpy(bias)
+    scale_t = torch.from_numpy(weight_scale[: len(bias)].copy())
+    fitted = bias_fitting_weight_scale(bias_t, input_scale, scale_t)
+    assert bool((fitted >= scale_t).all())
+    q = quantize_bias_int32(bias_t, input_scale, fitted)
+    assert q.dtype == torch.int32 and int(q.abs().max()) <= INT32_MAX
+    step = input_scale * fitted.to(torch.float64)
+    error = (q.to(torch.float64) * step - bias_t.to(torch.float64)).abs()
+    assert bool((error <= step / 2 * (1 + 1e-6)).all())
+    # the sign is kept: a positive bias never wraps to INT32_MIN
+    assert bool(((q >= 0) | (bias_t < 0)).all())
+
+
+def test_a_dead_adaln_row_with_a_bias_keeps_its_bias():
+    """The regression: a dead row (s_w clamped to 1e-12) with bias 0.5 used to become -2^31."""
+    from ditq_compiler.qspec import bias_fitting_weight_scale, quantize_bias_int32
+
+    bias, weight_scale = torch.tensor([0.5, -0.25]), torch.tensor([1e-12, 1e-3])
+    fitted = bias_fitting_weight_scale(bias, 0.02, weight_scale)
+    q = quantize_bias_int32(bias, 0.02, fitted)
+    assert float(q[0]) * 0.02 * float(fitted[0]) == pytest.approx(0.5, rel=1e-6)
+    assert float(fitted[1]) == pytest.approx(1e-3)  # a healthy row keeps its scale
+
+
+# ---------------------------------------------------------------------------------------------
 # Manifest parsing (integrity.parse_manifest, Artifact.load)
 # ---------------------------------------------------------------------------------------------
 
