@@ -41,8 +41,8 @@ FORMATS: dict[str, FormatSpec] = {
                        QuantizerSpec.integer("uint8", "tensor", False), True,
                        "int8 weights per output channel, static uint8 activations per tensor"),
     "w4a8": FormatSpec("w4a8", QuantizerSpec.integer("int4", "channel", True),
-                       QuantizerSpec.integer("uint8", "tensor", False), False,
-                       "int4 weights, 8-bit activations"),
+                       QuantizerSpec.integer("uint8", "tensor", False), True,
+                       "int4 weights per output channel (stored in 4 bits), static uint8 activations per tensor"),
     "fp8": FormatSpec("fp8", None, None, False, "FP8 (E4M3) weights and activations"),
     "fp4": FormatSpec("fp4", None, None, False, "FP4 (E2M1) weights and activations"),
 }

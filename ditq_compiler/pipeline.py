@@ -19,7 +19,7 @@ from .pass_manager import DumpInstrument, GraphPass, PassInstrument, PassManager
 from .passes import (AnnotateLinearQuantization, CollectActivationStats, GroupTimesteps, InsertQuantDequant,
                      SplitTimestepGroups)
 from .passes.recipes import recipe_passes
-from .qspec import quantized_layer_weights
+from .qspec import layer_records, quantized_layer_weights
 from .tracing import INPUT_NAMES, OUTPUT_NAME, example_inputs, trace_dit
 
 
@@ -43,6 +43,11 @@ class CompileResult:
     checkpoint: LoadedCheckpoint
     pass_manager: PassManager
     layer_weights: dict[str, str]  # quantized layer key -> its weight tensor's name
+
+    @property
+    def layers(self) -> dict:
+        """Layer key -> LayerRecord (weight name, weight format, bias form, role), for lowering."""
+        return layer_records(graph_modules(self.graph_module)[0])
 
     @property
     def quantized_layers(self) -> list[str]:
@@ -94,6 +99,7 @@ def build_manifest(result: CompileResult, fusion: dict | None, files: list[str])
         "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": ["batch", "out_channels", "height", "width"]}},
         "quantized_layers": result.quantized_layers,
         "quantized_weights": result.layer_weights,
+        "layers": {key: record.to_manifest() for key, record in result.layers.items()},
         "files": files,
         "fusion": fusion,
         "passes": [{"name": r.name, "modified": r.modified, "summary": r.summary}
@@ -116,6 +122,7 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
     exported from, its context and pass records)."""
     from .artifact import check_output_dir, write_manifest
     from .exporters import export_onnx, fusion_report, save_onnx
+    from .exporters.lowering import lower
     from .progress import phase
 
     check_output_dir(output_dir, force)  # refuse a user's directory before minutes of work, not after
@@ -124,6 +131,10 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
     result = run_pipeline(checkpoint, config, instruments)
     with phase("exporting to ONNX"):
         model = export_onnx(result.graph_module, result.context.model_config)
+    with phase("lowering for the CPU provider"):
+        lowered = lower(model, "cpu", result.layers, dump_dir=dump_dir,
+                        first_index=len(result.pass_manager.records) + 1)
+        model = lowered.model
     with staging_directory(output_dir, force=force) as staging:
         with phase("writing the artifact"):
             files = save_onnx(model, staging / MODEL_FILE)
@@ -142,8 +153,11 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
         compile_log = {"compile_seconds": round(time.perf_counter() - start, 2),
                        "passes": [{"name": r.name, "seconds": round(r.seconds, 3)}
                                   for r in result.pass_manager.records]}
-        write_manifest(staging, {**build_manifest(result, fusion, files), "numerics": numerics.to_manifest()},
-                       compile_log)
+        lowering = {"target": "cpu", "passes": [{"name": r.name, "modified": r.modified, "summary": r.summary}
+                                                for r in lowered.records]}
+        compile_log["lowering"] = [{"name": r.name, "seconds": round(r.seconds, 3)} for r in lowered.records]
+        write_manifest(staging, {**build_manifest(result, fusion, files), "lowering": lowering,
+                                 "numerics": numerics.to_manifest()}, compile_log)
     return Artifact.load(output_dir), result
 
 

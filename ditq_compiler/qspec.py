@@ -202,5 +202,13 @@ def quantized_layer_weights(gm) -> dict[str, str]:
             if node.meta.get(PROVENANCE_KEY, {}).get("role") == "matmul"}
 
 
+def layer_records(gm) -> dict:
+    """Layer key -> :class:`LayerRecord` (what ONNX lowering needs), from insertion's provenance."""
+    from .exporters.lowering import LayerRecord
+
+    return {p["layer"]: LayerRecord(p["weight"], p["weight_format"], p["bias"], p["module_role"])
+            for p in (node.meta.get(PROVENANCE_KEY, {}) for node in gm.graph.nodes) if p.get("role") == "matmul"}
+
+
 def quantized_layer_names(gm) -> list[str]:
     return list(quantized_layer_weights(gm))

@@ -142,7 +142,8 @@ class InsertQuantDequant(BranchPass):
                 w_dq = emit(_DEQUANTIZE, (w_q, w_scale, w_zero, 1), f"{_ident(spec.layer)}_weight_dequantized",
                             "weight_dq")
                 out = emit(torch.ops.aten.matmul.default, (x_dq, w_dq), role="matmul")
-                out.meta[PROVENANCE_KEY]["weight"] = w_q.target
+                out.meta[PROVENANCE_KEY].update(weight=w_q.target, weight_format=spec.weight.dtype, bias=spec.bias,
+                                                module_role=spec.role)
                 if SMOOTHING_KEY in node.meta:  # what the layer's input went through, for error analysis
                     out.meta[SMOOTHING_KEY] = node.meta[SMOOTHING_KEY]
                 if bias_node is not None:
