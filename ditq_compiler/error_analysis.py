@@ -24,8 +24,8 @@ from .sampling import iterate_sampling
 
 @dataclass
 class LayerQuantization:
-    input_scale: torch.Tensor
-    input_zero_point: torch.Tensor
+    input_scale: torch.Tensor | None  # None: weight-only, the input stays in float
+    input_zero_point: torch.Tensor | None
     weight: torch.Tensor  # dequantized int8 weight, [in, out]
     bias: torch.Tensor | None  # the bias the quantized layer adds (folded, dequantized if int32)
     smoothing: InputSmoothing | None
@@ -33,9 +33,10 @@ class LayerQuantization:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.smoothing is not None:
             x = self.smoothing.apply(x)
-        x_dq = dequantize(quantize(x, self.input_scale, self.input_zero_point, 0), self.input_scale,
-                          self.input_zero_point, 0)
-        y = x_dq @ self.weight
+        if self.input_scale is not None:
+            x = dequantize(quantize(x, self.input_scale, self.input_zero_point, 0), self.input_scale,
+                           self.input_zero_point, 0)
+        y = x @ self.weight
         return y + self.bias if self.bias is not None else y
 
 
@@ -54,12 +55,13 @@ def quantized_layers(gm) -> dict[str, LayerQuantization]:
         if provenance is None or provenance.get("role") != "matmul":
             continue
         x_dq, w_dq = node.args
-        _, scale, zero, _ = x_dq.args
+        quantized_input = x_dq.meta.get(PROVENANCE_KEY, {}).get("role") == "input_dq"
+        scale, zero = (get_tensor(gm, x_dq.args[1].target), get_tensor(gm, x_dq.args[2].target)) \
+            if quantized_input else (None, None)
         weight = _value(gm, w_dq)
         adds = [user for user in node.users if user.meta.get(PROVENANCE_KEY, {}).get("role") == "bias_add"]
         bias = _value(gm, adds[0].args[1]) if adds else None
-        layers[provenance["layer"]] = LayerQuantization(get_tensor(gm, scale.target), get_tensor(gm, zero.target),
-                                                        weight, bias, node.meta.get(SMOOTHING_KEY))
+        layers[provenance["layer"]] = LayerQuantization(scale, zero, weight, bias, node.meta.get(SMOOTHING_KEY))
     return layers
 
 

@@ -101,7 +101,7 @@ class LinearQuantSpec:
     role: str  # the family's name for the layer's job: qkv, attn_out, fc1, fc2, adaln, other
     input_key: str  # stable key of the tensor it reads; readers of one tensor share its Q/DQ
     weight: QuantizerSpec
-    activation: QuantizerSpec
+    activation: QuantizerSpec | None  # None: weight-only (the input stays in float)
     # "int32": the bias is quantized with scale s_x * s_w (the form ONNX Runtime's QGemm takes);
     # "float": added in float after the integer GEMM.
     bias: str = "float"
@@ -121,7 +121,7 @@ class ActivationParams:
 class LinearQuantParams:
     """Parameters of one layer in one branch. ``activation`` is shared by every reader of the tensor."""
 
-    activation: ActivationParams
+    activation: ActivationParams | None  # None for weight-only layers
     weight_scale: torch.Tensor  # [out_features] float32 (per channel)
     recipe: str
     weight_method: str = "absmax"

@@ -44,15 +44,18 @@ class AnnotateLinearQuantization(GraphPass):
                 continue
             input_key = input_keys.setdefault(site.input.name, f"{site.layer}:in")
             two_d = site.input.meta["val"].dim() == 2
+            activation = config.activation_spec
             spec = LinearQuantSpec(
                 layer=site.layer, module=site.module, role=ctx.family.role_of(site.module), input_key=input_key,
-                weight=config.weight_spec, activation=config.activation_spec,
-                bias="int32" if two_d and site.bias is not None else "float",
+                weight=config.weight_spec, activation=activation,
+                # an int32 bias needs an input scale; weight-only layers keep a float bias
+                bias="int32" if two_d and site.bias is not None and activation is not None else "float",
             )
             site.node.meta[SPEC_KEY] = spec
             annotated += 1
             details.append(f"quantize  {site.layer}  role {spec.role}, input {input_key}, weight "
-                           f"{spec.weight.describe()}, input {spec.activation.describe()}, bias {spec.bias}")
+                           f"{spec.weight.describe()}, input "
+                           f"{spec.activation.describe() if spec.activation else 'float (weight-only)'}, bias {spec.bias}")
         summary = (f"annotated {annotated} of {len(sites)} linear calls for {config.format} "
                    f"({len(set(input_keys.values()))} distinct input tensors to quantize)")
         return PassResult(gm, modified=annotated > 0, summary=summary, details=details)

@@ -116,7 +116,11 @@ class InsertQuantDequant(BranchPass):
 
             with graph.inserting_before(node):
                 act = params.activation
-                if spec.input_key in dequantized_inputs:
+                shared_note = ""
+                if act is None:  # weight-only: the input stays in float
+                    x_dq = x
+                    shared_note = " (weight-only)"
+                elif spec.input_key in dequantized_inputs:
                     x_dq, first_params = dequantized_inputs[spec.input_key]
                     if (first_params.scale, first_params.zero_point) != (act.scale, act.zero_point):
                         raise RuntimeError(f"{spec.layer} reads {spec.input_key} with other activation parameters "
@@ -129,7 +133,6 @@ class InsertQuantDequant(BranchPass):
                     x_dq = emit(_DEQUANTIZE, (x_q, scale, zero, 0), f"{_ident(spec.layer)}_input_dequantized",
                                 "input_dq")
                     dequantized_inputs[spec.input_key] = (x_dq, act)
-                    shared_note = ""
 
                 weight = get_tensor(gm, weight_node.target)
                 weight_scale = params.weight_scale
@@ -164,8 +167,8 @@ class InsertQuantDequant(BranchPass):
             node.replace_all_uses_with(out)
             graph.erase_node(node)
             counts["layers"] += 1
-            details.append(f"{spec.layer}: {spec.weight.dtype} weight {tuple(weight_q.shape)}, input scale "
-                           f"{act.scale:.4g}{shared_note}")
+            details.append(f"{spec.layer}: {spec.weight.dtype} weight {tuple(weight_q.shape)}"
+                           + (f", input scale {act.scale:.4g}" if act is not None else "") + shared_note)
         counts["activation quantizers"] = len(dequantized_inputs)
         counts["dropped float tensors"] = self._drop_unused(gm, float_tensors)
         return BranchResult(counts["layers"] > 0, counts, details)

@@ -77,11 +77,14 @@ class ChooseQuantParams(BranchPass):
             spec = node.meta.get(SPEC_KEY)
             if spec is None:
                 continue
-            if spec.input_key not in activation:
-                lo, hi = branch.stats.get(spec.input_key).range_over()
-                activation[spec.input_key] = quantize_params_from_range(float(lo.min()), float(hi.max()),
-                                                                        spec.activation)
-            act = activation[spec.input_key]
+            if spec.activation is None:
+                act = None
+            else:
+                if spec.input_key not in activation:
+                    lo, hi = branch.stats.get(spec.input_key).range_over()
+                    activation[spec.input_key] = quantize_params_from_range(float(lo.min()), float(hi.max()),
+                                                                            spec.activation)
+                act = activation[spec.input_key]
             weight = get_tensor(gm, node.args[1].target)
             method = WEIGHT_METHODS[self.weight_method]
             weight_scale = self.memo(f"wscale:{self.weight_method}:{spec.weight}", (weight,),
@@ -97,8 +100,9 @@ class ChooseQuantParams(BranchPass):
                     counts["bias-fitted rows"] += raised
             node.meta[PARAMS_KEY] = LinearQuantParams(act, weight_scale, self.recipe, self.weight_method, notes)
             counts["layers"] += 1
-            details.append(f"{spec.layer}: input range [{act.low:.4g}, {act.high:.4g}] -> scale {act.scale:.4g}, "
-                           f"zero point {act.zero_point}; weight scales {self.weight_method} "
+            input_text = "input in float (weight-only)" if act is None else \
+                f"input range [{act.low:.4g}, {act.high:.4g}] -> scale {act.scale:.4g}, zero point {act.zero_point}"
+            details.append(f"{spec.layer}: {input_text}; weight scales {self.weight_method} "
                            f"(median {float(weight_scale.median()):.3g})" + "".join(f"; {n}" for n in notes))
         counts["tensors"] = len(activation)
         return BranchResult(bool(counts["layers"]), counts, details)
