@@ -53,17 +53,23 @@ class CompileContext:
     family: ModelFamily = DIT
     # Smoothing vectors computed by a recipe, waiting to be folded (see passes/smoothing.py).
     smoothing_plan: object | None = None
+    # What mixed precision measured and moved (passes/mixed.py), for the manifest.
+    mixed_precision: dict = field(default_factory=dict)
     # A few denoiser inputs per calibrated timestep (timestep -> (sample, timestep, labels)).
     calibration_inputs: dict = field(default_factory=dict)
 
-    def check_inputs_by_group(self, per_group: int = 2) -> dict[int, list]:
-        """Up to ``per_group`` recorded calibration inputs for each timestep group, spread over the group."""
+    def check_inputs_by_group(self, per_group: int | None = 2) -> dict[int, list]:
+        """Up to ``per_group`` recorded calibration inputs for each timestep group, spread over the group
+        (all of them with ``per_group=None``)."""
         chosen = {}
         for group in self.timestep_groups:
             timesteps = sorted(t for t in self.calibration_inputs if group.contains(t))
-            if timesteps:
-                picks = sorted({timesteps[0], timesteps[-1], timesteps[len(timesteps) // 2]})[:per_group]
-                chosen[group.index] = [self.calibration_inputs[t] for t in picks]
+            if not timesteps:
+                continue
+            if per_group is not None and len(timesteps) > per_group:
+                positions = [round(i * (len(timesteps) - 1) / max(per_group - 1, 1)) for i in range(per_group)]
+                timesteps = [timesteps[p] for p in sorted(set(positions))]
+            chosen[group.index] = [self.calibration_inputs[t] for t in timesteps]
         return chosen
 
     @property

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .grouped import get_tensor
-from .qspec import PROVENANCE_KEY, SMOOTHING_KEY, InputSmoothing
+from .qspec import PROVENANCE_KEY, ROTATION_KEY, SMOOTHING_KEY, InputSmoothing
 from .quant_ops import dequantize, quantize
 from .sampling import iterate_sampling
 
@@ -29,10 +29,18 @@ class LayerQuantization:
     weight: torch.Tensor  # dequantized int8 weight, [in, out]
     bias: torch.Tensor | None  # the bias the quantized layer adds (folded, dequantized if int32)
     smoothing: InputSmoothing | None
+    rotation_block: int | None = None  # the input is Hadamard-rotated first (passes/rotation.py)
+    grid: tuple[torch.Tensor, str] | None = None  # fp4: (grid scale, grid) the input is rounded onto first
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation_block:
+            from .passes.rotation import rotate
+
+            x = rotate(x, self.rotation_block)
         if self.smoothing is not None:
             x = self.smoothing.apply(x)
+        if self.grid is not None:
+            x = torch.ops.ditq.round_to_grid(x, *self.grid)
         if self.input_scale is not None:
             x = dequantize(quantize(x, self.input_scale, self.input_zero_point, 0), self.input_scale,
                            self.input_zero_point, 0)
@@ -61,7 +69,13 @@ def quantized_layers(gm) -> dict[str, LayerQuantization]:
         weight = _value(gm, w_dq)
         adds = [user for user in node.users if user.meta.get(PROVENANCE_KEY, {}).get("role") == "bias_add"]
         bias = _value(gm, adds[0].args[1]) if adds else None
-        layers[provenance["layer"]] = LayerQuantization(scale, zero, weight, bias, node.meta.get(SMOOTHING_KEY))
+        grid = None
+        if quantized_input:
+            rounded = x_dq.args[0].args[0]  # DQ <- Q <- round_to_grid, for fp4 inputs
+            if rounded.meta.get(PROVENANCE_KEY, {}).get("role") == "input_round":
+                grid = (get_tensor(gm, rounded.args[1].target), rounded.args[2])
+        layers[provenance["layer"]] = LayerQuantization(scale, zero, weight, bias, node.meta.get(SMOOTHING_KEY),
+                                                        node.meta.get(ROTATION_KEY), grid)
     return layers
 
 

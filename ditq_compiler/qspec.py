@@ -28,6 +28,7 @@ PARAMS_KEY = "ditq.quant_params"
 PROVENANCE_KEY = "ditq.provenance"
 SMOOTHING_KEY = "ditq.input_smoothing"
 LAYER_KEY = "ditq.layer_key"
+ROTATION_KEY = "ditq.input_rotation"  # Hadamard block size a layer's input was rotated with
 
 # Integer grids: (qmin, qmax) and the torch dtype that stores them (the zero point's dtype, as in ONNX).
 _INTEGER_DTYPES = {
@@ -48,20 +49,35 @@ class QuantizerSpec:
     saturate the u8 x s8 kernels of CPUs without VNNI).
     """
 
-    dtype: str
+    dtype: str  # int8 | uint8 | int4 | int32 | float8e4m3fn | fp4
     granularity: str
     symmetric: bool
-    qmin: int
-    qmax: int
+    qmin: float
+    qmax: float
     block_size: int | None = None
+    # fp4: the 4-bit grids a layer may choose from (ditq_compiler/grids.py), in order of preference
+    grids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype in _INTEGER_DTYPES:
             lo, hi, _ = _INTEGER_DTYPES[self.dtype]
             if not lo <= self.qmin < self.qmax <= hi:
                 raise ValueError(f"range [{self.qmin}, {self.qmax}] does not fit {self.dtype}")
+        elif self.dtype not in ("float8e4m3fn", "fp4"):
+            raise ValueError(f"unknown quantized dtype {self.dtype}")
         if (self.granularity == "block") != (self.block_size is not None):
             raise ValueError("block_size is given exactly for block granularity")
+        if (self.dtype == "fp4") != bool(self.grids):
+            raise ValueError("grids are given exactly for fp4")
+
+    @classmethod
+    def float8(cls, granularity: str) -> "QuantizerSpec":
+        return cls("float8e4m3fn", granularity, True, -448.0, 448.0)
+
+    @classmethod
+    def fp4(cls, granularity: str, grids: tuple[str, ...] = ("e2m1", "e3m0", "int4")) -> "QuantizerSpec":
+        """4-bit with a per-layer (weights) or per-tensor-and-group (activations) choice of grid."""
+        return cls("fp4", granularity, True, -1.0, 1.0, grids=tuple(grids))
 
     @classmethod
     def integer(cls, dtype: str, granularity: str, symmetric: bool, *, bits: int | None = None,
@@ -78,7 +94,17 @@ class QuantizerSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The dtype the quantized values are stored in (and the zero point's): int4 and fp4 weights are
+        held in int8 (fp4 as ``g * multiplier``); fp4 activations in uint8 (``g * multiplier + 128``)."""
+        if self.dtype == "float8e4m3fn":
+            return torch.float8_e4m3fn
+        if self.dtype == "fp4":
+            return torch.int8 if self.granularity != "tensor" else torch.uint8
         return _INTEGER_DTYPES[self.dtype][2]
+
+    @property
+    def is_integer(self) -> bool:
+        return self.dtype in _INTEGER_DTYPES
 
     @property
     def levels(self) -> int:
@@ -86,6 +112,8 @@ class QuantizerSpec:
 
     def describe(self) -> str:
         extra = f", block {self.block_size}" if self.block_size else ""
+        if self.grids:
+            extra += f", grid from {'/'.join(self.grids)}"
         full = _INTEGER_DTYPES.get(self.dtype)
         narrowed = "" if full is None or (self.qmin, self.qmax) in ((full[0], full[1]), (-full[1], full[1])) else \
             f" [{self.qmin}, {self.qmax}]"
@@ -109,12 +137,16 @@ class LinearQuantSpec:
 
 @dataclass(frozen=True)
 class ActivationParams:
-    """One quantizer of an input tensor (in its timestep group's branch)."""
+    """One quantizer of an input tensor (in its timestep group's branch).
+
+    Integer and FP8 quantizers are ``QuantizeLinear(scale, zero_point)``. An FP4 quantizer first rounds onto
+    ``scale * grid`` and then quantizes exactly to uint8 with scale ``scale / multiplier`` and zero point 128."""
 
     scale: float
-    zero_point: int
+    zero_point: float
     low: float  # the calibrated range the parameters cover
     high: float
+    grid: str | None = None  # fp4: the chosen grid
 
 
 @dataclass
@@ -126,6 +158,7 @@ class LinearQuantParams:
     recipe: str
     weight_method: str = "absmax"
     notes: list[str] = field(default_factory=list)
+    weight_grid: str | None = None  # fp4: the grid chosen for this layer's weights
 
 
 @dataclass(frozen=True)
@@ -161,10 +194,20 @@ def quantize_params_from_range(lo: float, hi: float, spec: QuantizerSpec) -> Act
     return ActivationParams(scale, min(max(zero_point, spec.qmin), spec.qmax), lo, hi)
 
 
-def symmetric_weight_scale(weight: torch.Tensor, spec: QuantizerSpec) -> torch.Tensor:
-    """Per-output-channel absmax / qmax, kept away from 0 so that a dead row stays representable."""
+def symmetric_weight_scale(weight: torch.Tensor, spec: QuantizerSpec, grid: str | None = None) -> torch.Tensor:
+    """Per-output-channel absmax / (the grid's largest value), kept away from 0 so that a dead row stays
+    representable."""
     absmax = weight.detach().to(torch.float32).abs().amax(dim=1)
-    return (absmax / spec.qmax).clamp_min(1e-12)
+    return (absmax / grid_max(spec, grid)).clamp_min(1e-12)
+
+
+def grid_max(spec: QuantizerSpec, grid: str | None = None) -> float:
+    """The largest magnitude of the spec's grid, in units of the scale."""
+    if spec.dtype == "fp4":
+        from .grids import GRIDS
+
+        return GRIDS[grid or spec.grids[0]].max
+    return float(spec.qmax)
 
 
 INT32_MAX = 2**31 - 1

@@ -7,7 +7,14 @@ become named initializers in ONNX and the quantized integer dtype is the zero po
 in ONNX.
 
 Rounding is round-half-to-even in both (``torch.round`` and ONNX QuantizeLinear), saturation to the
-integer dtype's range.
+integer dtype's range. A float8 (E4M3) zero point quantizes to FP8: ``saturate(x / scale + zp)`` rounded
+to nearest even by the cast, as ONNX QuantizeLinear with ``saturate=1`` (checked bit for bit, ties and
+subnormals included).
+
+``round_to_grid`` rounds onto a 4-bit grid (``ditq_compiler/grids.py``): FP4 activations are rounded by it,
+then quantized exactly to uint8 ``g * multiplier + 128`` so ONNX Runtime's int8 kernels compute the FP4
+products. Its ONNX translation is the same elementwise computation (``Div``, ``Abs``, ``Where`` per binade,
+``Round``, ``Mul``, ``Clip``, ``Mul``) in the same order, so torch and ONNX Runtime agree bit for bit.
 """
 
 from __future__ import annotations
@@ -30,10 +37,15 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axi
 
     A 0-d ``scale`` quantizes per tensor; a 1-d one per slice along ``axis``.
     """
-    lo, hi = _INT_RANGES[zero_point.dtype]
     if scale.dim() == 1:
         shape = _broadcast_shape(x.dim(), axis, scale.numel())
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    if zero_point.dtype == torch.float8_e4m3fn:
+        from .grids import FLOAT8_E4M3_MAX
+
+        q = x.to(torch.float32) / scale + zero_point.to(torch.float32)
+        return torch.clamp(q, -FLOAT8_E4M3_MAX, FLOAT8_E4M3_MAX).to(torch.float8_e4m3fn)
+    lo, hi = _INT_RANGES[zero_point.dtype]
     q = torch.round(x / scale) + zero_point.to(torch.float32)
     return torch.clamp(q, lo, hi).to(zero_point.dtype)
 
@@ -57,6 +69,19 @@ def _dequantize_fake(x, scale, zero_point, axis):
     return torch.empty_like(x, dtype=torch.float32)
 
 
+@custom_op("ditq::round_to_grid", mutates_args=())
+def round_to_grid(x: torch.Tensor, scale: torch.Tensor, grid: str) -> torch.Tensor:
+    """``x`` rounded onto ``scale * grid`` (float32), nearest with ties to even; see ``grids.round_to_grid``."""
+    from .grids import GRIDS, round_to_grid as reference
+
+    return reference(x, scale, GRIDS[grid])
+
+
+@round_to_grid.register_fake
+def _round_to_grid_fake(x, scale, grid):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
 def onnx_translation_table() -> dict:
     """Translations of the ditq ops for ``torch.onnx.export(custom_translation_table=...)``."""
     from onnxscript import opset21 as op
@@ -67,7 +92,27 @@ def onnx_translation_table() -> dict:
     def dequantize_linear(x, scale, zero_point, axis: int):
         return op.DequantizeLinear(x, scale, zero_point, axis=axis)
 
+    def round_onto_grid(x, scale, grid: str):
+        import numpy as np
+        import onnx_ir as ir
+
+        from .grids import GRIDS
+
+        def const(value: float):  # float32 scalars (graph clean-up would fold value_float attributes to float64)
+            return op.Constant(value=ir.tensor(np.array(value, dtype=np.float32)))
+
+        spec = GRIDS[grid]
+        v = op.Div(x, scale)
+        magnitude = op.Abs(v)
+        step = const(spec.binades[0][1])
+        for threshold, binade_step in spec.binades[1:]:
+            step = op.Where(op.GreaterOrEqual(magnitude, const(threshold)), const(binade_step), step)
+        rounded = op.Mul(op.Round(op.Div(v, step)), step)
+        clipped = op.Clip(rounded, const(-spec.max), const(spec.max))
+        return op.Mul(clipped, scale)
+
     return {
         torch.ops.ditq.quantize.default: quantize_linear,
         torch.ops.ditq.dequantize.default: dequantize_linear,
+        torch.ops.ditq.round_to_grid.default: round_onto_grid,
     }

@@ -21,6 +21,21 @@ FUSED_INT8_OPS = frozenset({
     "QAttention", "MatMulNBits", "QLinearConv",
 })
 
+# The kernel each weight format must become on the CPU provider (one table for every format): integer
+# and FP4 weights an integer kernel; FP8 weights a float MatMul/Gemm reading the weight ONNX Runtime
+# folded from FP8 at load (it has no FP8 GEMM on the CPU, and mis-fuses FP8 Q/DQ; see lowering/cpu.py).
+FLOAT_GEMMS = frozenset({"MatMul", "Gemm", "FusedMatMul"})
+EXPECTED_KERNELS: dict[str, frozenset] = {
+    "int8": FUSED_INT8_OPS,
+    "int4": FUSED_INT8_OPS,
+    "fp4": FUSED_INT8_OPS,
+    "float8e4m3fn": FLOAT_GEMMS,
+}
+
+
+def expected_kernels(weight_format: str) -> frozenset:
+    return EXPECTED_KERNELS[weight_format.split("-", 1)[0]]
+
 
 @dataclass
 class FusionReport:
@@ -30,10 +45,13 @@ class FusionReport:
     op_counts: Counter = field(default_factory=Counter)
     # layer -> how many kernels read its weight (one per timestep-group branch)
     readers: dict[str, int] = field(default_factory=dict)
+    # layer -> the kernels it may become (by its weight format)
+    expected: dict[str, frozenset] = field(default_factory=dict)
 
     @property
     def unfused(self) -> dict[str, str]:
-        return {layer: op for layer, op in self.layer_ops.items() if op not in FUSED_INT8_OPS}
+        return {layer: op for layer, op in self.layer_ops.items()
+                if op not in self.expected.get(layer, FUSED_INT8_OPS)}
 
     @property
     def all_fused(self) -> bool:
@@ -42,7 +60,7 @@ class FusionReport:
     def to_manifest(self) -> dict:
         return {
             "provider": self.provider,
-            "fused_layers": sum(op in FUSED_INT8_OPS for op in self.layer_ops.values()),
+            "fused_layers": len(self.layer_ops) - len(self.unfused),
             "quantized_layers": len(self.layer_ops),
             "kernels": dict(Counter(self.layer_ops.values())),
             "unfused": self.unfused,
@@ -76,9 +94,9 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(sub)
 
 
-def fusion_report(model_path: str | Path, layer_weights: dict[str, str],
-                  provider: str = "CPUExecutionProvider") -> FusionReport:
-    """``layer_weights``: layer key -> name of its quantized weight tensor."""
+def fusion_report(model_path: str | Path, layer_weights: dict, provider: str = "CPUExecutionProvider") -> FusionReport:
+    """``layer_weights``: layer key -> the name of its quantized weight tensor, or its LayerRecord (whose
+    weight format also gives the expected kernel)."""
     optimized = optimized_model(model_path, provider)
     nodes = list(_all_nodes(optimized.graph))
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -86,7 +104,10 @@ def fusion_report(model_path: str | Path, layer_weights: dict[str, str],
         for name in node.input:
             readers.setdefault(name, []).append(node)
     report = FusionReport(provider=provider, op_counts=Counter(n.op_type for n in nodes))
-    for layer, weight in layer_weights.items():
+    for layer, record in layer_weights.items():
+        weight = record if isinstance(record, str) else record.weight
+        if not isinstance(record, str):
+            report.expected[layer] = expected_kernels(record.weight_format)
         # One reader per timestep-group branch; a weight that differs per group is named <weight>__group<g>.
         names = [name for name in readers if name == weight or name.startswith(f"{weight}__group")]
         ops = []

@@ -35,20 +35,16 @@ import torch
 from ..errors import PassPreconditionError
 from ..grouped import TensorMemo, get_tensor
 from ..pass_manager import BranchPass, BranchResult
-from ..qspec import PARAMS_KEY, PROVENANCE_KEY, SMOOTHING_KEY, SPEC_KEY, quantize_bias_int32
+from ..qspec import PARAMS_KEY, PROVENANCE_KEY, ROTATION_KEY, SMOOTHING_KEY, SPEC_KEY, quantize_bias_int32
+from ..quantizers import activation_qdq, quantize_weight, weight_dequantize_scale
 
 _QUANTIZE = torch.ops.ditq.quantize.default
 _DEQUANTIZE = torch.ops.ditq.dequantize.default
+_ROUND_TO_GRID = torch.ops.ditq.round_to_grid.default
 
 
 def _ident(layer: str) -> str:
     return layer.replace(".", "_").replace("#", "_call")
-
-
-def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:
-    """``clamp(round(W / s), qmin, qmax)`` per output channel, in the spec's storage dtype, ``[out, in]``."""
-    w = weight.detach().to(torch.float32)
-    return torch.clamp(torch.round(w / scale[:, None]), spec.qmin, spec.qmax).to(spec.torch_dtype)
 
 
 def layer_owner(gm, layer: str, module: str) -> tuple[torch.nn.Module, str]:
@@ -127,35 +123,45 @@ class InsertQuantDequant(BranchPass):
                                            f"than its first reader; one tensor has one quantizer")
                     shared_note = " (shares its input's Q/DQ)"
                 else:
-                    scale = attr("input_scale", torch.tensor(act.scale, dtype=torch.float32))
-                    zero = attr("input_zero_point", torch.tensor(act.zero_point, dtype=spec.activation.torch_dtype))
+                    qdq_scale, qdq_zero = activation_qdq(act, spec.activation)
+                    scale = attr("input_scale", torch.tensor(qdq_scale, dtype=torch.float32))
+                    zero = attr("input_zero_point", qdq_zero)
+                    if act.grid is not None:  # fp4: round onto the grid, then quantize exactly
+                        grid_scale = attr("input_grid_scale", torch.tensor(act.scale, dtype=torch.float32))
+                        x = emit(_ROUND_TO_GRID, (x, grid_scale, act.grid), f"{_ident(spec.layer)}_input_rounded",
+                                 "input_round")
                     x_q = emit(_QUANTIZE, (x, scale, zero, 0), f"{_ident(spec.layer)}_input_quantized", "input_q")
                     x_dq = emit(_DEQUANTIZE, (x_q, scale, zero, 0), f"{_ident(spec.layer)}_input_dequantized",
                                 "input_dq")
                     dequantized_inputs[spec.input_key] = (x_dq, act)
 
                 weight = get_tensor(gm, weight_node.target)
-                weight_scale = params.weight_scale
-                weight_q = self.memo("weight_q", (weight, weight_scale),
-                                     lambda: quantize_weight(weight, weight_scale, spec.weight).t().contiguous())
+                weight_scale, grid = params.weight_scale, params.weight_grid
+                weight_q = self.memo(f"weight_q:{grid}", (weight, weight_scale), lambda: quantize_weight(
+                    weight, weight_scale, spec.weight, grid).t().contiguous())
                 w_q = attr("weight_quantized", weight_q)
-                w_scale = attr("weight_scale", self.memo("weight_scale", (weight_scale,),
-                                                         lambda: weight_scale.to(torch.float32).clone()))
+                dq_scale = self.memo(f"weight_scale:{grid}", (weight_scale,),
+                                     lambda: weight_dequantize_scale(weight_scale, spec.weight, grid).clone())
+                w_scale = attr("weight_scale", dq_scale)
                 w_zero = attr("weight_zero_point", self.zeros(spec.layer, weight_scale.shape, spec.weight.torch_dtype))
                 w_dq = emit(_DEQUANTIZE, (w_q, w_scale, w_zero, 1), f"{_ident(spec.layer)}_weight_dequantized",
                             "weight_dq")
                 out = emit(torch.ops.aten.matmul.default, (x_dq, w_dq), role="matmul")
-                out.meta[PROVENANCE_KEY].update(weight=w_q.target, weight_format=spec.weight.dtype, bias=spec.bias,
+                weight_format = f"fp4-{grid}" if spec.weight.dtype == "fp4" else spec.weight.dtype
+                out.meta[PROVENANCE_KEY].update(weight=w_q.target, weight_format=weight_format, bias=spec.bias,
                                                 module_role=spec.role)
-                if SMOOTHING_KEY in node.meta:  # what the layer's input went through, for error analysis
-                    out.meta[SMOOTHING_KEY] = node.meta[SMOOTHING_KEY]
+                for key in (ROTATION_KEY, SMOOTHING_KEY):  # what the layer's input went through, for error analysis
+                    if key in node.meta:
+                        out.meta[key] = node.meta[key]
                 if bias_node is not None:
                     if spec.bias == "int32":
+                        # the bias's scale is the product of the two DequantizeLinear scales (QGemm's contract)
                         bias = get_tensor(gm, bias_node.target)
-                        bias_q = self.memo(f"bias_q:{act.scale!r}", (bias, weight_scale),
-                                           lambda: quantize_bias_int32(bias, act.scale, weight_scale))
-                        bias_scale = self.memo(f"bias_scale:{act.scale!r}", (weight_scale,),
-                                               lambda: (act.scale * weight_scale.to(torch.float64)).to(torch.float32))
+                        input_dq_scale = activation_qdq(act, spec.activation)[0]
+                        bias_q = self.memo(f"bias_q:{input_dq_scale!r}", (bias, dq_scale),
+                                           lambda: quantize_bias_int32(bias, input_dq_scale, dq_scale))
+                        bias_scale = self.memo(f"bias_scale:{input_dq_scale!r}", (dq_scale,),
+                                               lambda: (input_dq_scale * dq_scale.to(torch.float64)).to(torch.float32))
                         b_q = attr("bias_quantized", bias_q)
                         b_scale = attr("bias_scale", bias_scale)
                         b_zero = attr("bias_zero_point", self.zeros(spec.layer, bias_q.shape, torch.int32))

@@ -240,8 +240,13 @@ SMOOTHING_PASSES = {"smoothquant": SmoothQuantScales, "ptq4dit": PTQ4DiTScales, 
 
 def recipe_passes(config: CompileConfig) -> list[GraphPass]:
     """A recipe as passes: compute smoothing (if any), fold it, choose parameters."""
-    weight_method = "quantile" if config.recipe == "ptq4dit" else "absmax"
+    from .mixed import MixedPrecision
+
     passes: list[GraphPass] = []
     if config.recipe in SMOOTHING_PASSES:
         passes += [SMOOTHING_PASSES[config.recipe](config), FoldSmoothing(config.unfoldable)]
-    return passes + [ChooseQuantParams(config.recipe, weight_method)]
+    passes.append(ChooseQuantParams(config.recipe, config.effective_weight_clip))
+    if config.keep_sensitive or config.budget_mb is not None:
+        passes += [MixedPrecision(config.keep_sensitive, config.budget_mb),
+                   ChooseQuantParams(config.recipe, config.effective_weight_clip, only_missing=True)]
+    return passes

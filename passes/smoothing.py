@@ -350,6 +350,8 @@ EXACT_RULES: tuple[RewriteRule, ...] = (AdaLNModulationFold(), AttentionValueFol
 
 def why_no_exact_fold(producer: fx.Node) -> str:
     node = skip_identities(producer)
+    if is_call(node, _aten.flatten.using_ints) and "ditq.rotation" in getattr(node.args[0], "meta", {}):
+        return "follows an online Hadamard rotation"
     if is_call(node, _aten.gelu.default):
         return "follows GELU"
     if is_call(node, _aten.silu.default):

@@ -40,10 +40,18 @@ def test_pattern_matching_nothing_is_an_error():
         CompileConfig().with_rules(LayerRule("blocks.*.attn", False)).select_layers(LAYERS)
 
 
-@pytest.mark.parametrize("text", ["nopattern", "x=int4", "=fp"])
+@pytest.mark.parametrize("text", ["nopattern", "x=int3", "=fp"])
 def test_bad_rule_text(text):
-    with pytest.raises(ConfigError, match="PATTERN=int8 or PATTERN=fp"):
+    with pytest.raises(ConfigError, match="PATTERN=int8|int4|fp8|fp4|fp"):
         LayerRule.parse(text)
+
+
+def test_rules_choose_a_precision_per_layer():
+    config = CompileConfig(format="w4a8").with_rules(LayerRule.parse("transformer_blocks.0.*=int8"),
+                                                     LayerRule.parse("transformer_blocks.1.attn1.to_q=fp"))
+    decision = config.select_layers(LAYERS)
+    assert decision["transformer_blocks.0.attn1.to_q"] == "int8"
+    assert decision["transformer_blocks.1.attn1.to_q"] is None and decision["proj_out_1"] is None
 
 
 def test_unknown_format_and_recipe_and_unimplemented_format():
@@ -51,8 +59,8 @@ def test_unknown_format_and_recipe_and_unimplemented_format():
         CompileConfig(format="w3a3").validate()
     with pytest.raises(ConfigError, match="unknown recipe 'magic'"):
         CompileConfig(recipe="magic").validate()
-    with pytest.raises(ConfigError, match="not implemented yet; available: w8a8"):
-        CompileConfig(format="fp4").validate()
+    for implemented in ("w8a8", "w4a8", "fp8", "fp4"):
+        CompileConfig(format=implemented).validate()
 
 
 def test_calibration_bounds():
