@@ -7,6 +7,9 @@
 * ``compile_log.json`` holds what differs between two identical compiles (wall-clock times). It is
   listed in the manifest as unhashed and nothing reads it back, so the hashed files of two compiles of
   the same checkpoint, options and seed are byte-identical.
+* A tensorrt-target artifact with timestep groups also holds one model per group, ``model.group<g>.onnx``
+  (TensorRT cannot take ``model.onnx``'s ``If`` dispatch): on the TensorRT provider, :meth:`Artifact.denoise`
+  computes each row's group from its timestep and runs that group's model on the group's rows.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ import torch
 
 from .errors import ArtifactError
 from .integrity import (COMPILE_LOG_FILE, FORMAT_VERSION, MANIFEST_FILE, MODEL_FILE, file_records,
-                        manifest_text, parse_manifest, verify_files)
+                        group_model_file, manifest_text, parse_manifest, verify_files)
 from .limits import DEFAULT_TRAIN_TIMESTEPS, check_guidance_scale, check_seed, check_steps
 from .sampling import check_timesteps, sample as run_sampling
 from .staging import check_output_dir, recover_interrupted_replace, staging_directory
 
 __all__ = ["Artifact", "COMPILE_LOG_FILE", "FORMAT_VERSION", "MANIFEST_FILE", "MODEL_FILE", "check_output_dir",
-           "staging_directory", "write_manifest"]
+           "group_model_file", "staging_directory", "write_manifest"]
 
 # A manifest is a few kB; refusing a huge one keeps a corrupt or hostile file from filling memory.
 _MAX_MANIFEST_BYTES = 64 << 20
@@ -52,6 +55,8 @@ class Artifact:
         self.path = path
         self.manifest = manifest
         self._sessions: dict[str, object] = {}
+        # Where the TensorRT provider keeps its engines: a directory beside the artifact unless set.
+        self.tensorrt_cache: Path | None = None
 
     @classmethod
     def load(cls, path: str | Path, *, verify: bool = True) -> "Artifact":
@@ -104,14 +109,47 @@ class Artifact:
         """The int8 weight range the artifact was compiled with (``full`` needs VNNI/AMX for full speed)."""
         return str(self.manifest.get("weight_range", "full"))
 
-    def session(self, provider: str = "auto", threads: int | None = None):
-        key = f"{provider}:{threads}"
-        if key not in self._sessions:
-            from .runtime import create_session
+    @property
+    def target(self) -> str:
+        """The provider family the artifact was lowered for (cpu, cuda, tensorrt); older artifacts: cpu."""
+        return str(self.manifest.get("target", "cpu"))
 
-            self._sessions[key] = create_session(self.model_path, provider, threads,
-                                                 weight_range=self.weight_range)
+    @property
+    def group_model_paths(self) -> list[Path]:
+        """The per-timestep-group model files (tensorrt target with several groups), else empty."""
+        lowering = self.manifest.get("lowering")
+        names = lowering.get("group_models", []) if isinstance(lowering, dict) else []
+        return [self.path / name for name in names]
+
+    def provider_choice(self, provider: str = "auto"):
+        """The provider ``provider`` resolves to for this artifact, and the line to tell the user, if any."""
+        from .runtime import resolve_provider
+
+        return resolve_provider(provider, self.target)
+
+    def session(self, provider: str = "auto", threads: int | None = None, model_path: Path | None = None):
+        model_path = model_path or self.model_path
+        key = f"{provider}:{threads}:{model_path.name}"
+        if key not in self._sessions:
+            from .runtime import create_session, tensorrt_provider_options
+
+            cache = self.tensorrt_cache or self.path.with_name(self.path.name + ".trt-cache")
+            options = tensorrt_provider_options(cache, int8=self._has_int8_quantizers())
+            self._sessions[key] = create_session(model_path, provider, threads, weight_range=self.weight_range,
+                                                 target=self.target, tensorrt_options=options,
+                                                 fp8_qdq=self.target == "tensorrt" and self.has_fp8_layers())
         return self._sessions[key]
+
+    def has_fp8_layers(self) -> bool:
+        layers = self.manifest.get("layers")
+        return isinstance(layers, dict) and any(isinstance(r, dict) and str(r.get("weight_format", "")).startswith(
+            "float8") for r in layers.values())
+
+    def _has_int8_quantizers(self) -> bool:
+        layers = self.manifest.get("layers")
+        formats = {str(r.get("weight_format", "")) for r in layers.values() if isinstance(r, dict)} \
+            if isinstance(layers, dict) else set()
+        return not formats or any(not f.startswith("float8") for f in formats)
 
     def denoise(self, sample, timestep, class_labels, provider: str = "auto") -> np.ndarray:
         """One call of the denoiser: the diffusers model's ``.sample`` for these inputs."""
@@ -119,8 +157,28 @@ class Artifact:
 
         timestep_tensor = torch.as_tensor(np.asarray(timestep, dtype=np.int64))
         check_timesteps(timestep_tensor, self.num_train_timesteps)
-        return run_denoiser(self.session(provider), np.asarray(sample), timestep_tensor.numpy(),
-                            np.asarray(class_labels))
+        sample, timesteps, labels = np.asarray(sample), timestep_tensor.numpy(), np.asarray(class_labels)
+        groups = self.group_model_paths
+        if groups and self.provider_choice(provider).provider == "tensorrt":
+            return self.denoise_by_group(groups, sample, timesteps, labels, provider)
+        return run_denoiser(self.session(provider), sample, timesteps, labels)
+
+    def denoise_by_group(self, paths: list[Path], sample, timesteps, labels, provider: str) -> np.ndarray:
+        """Rows grouped by timestep group (the manifest's ``timestep_groups``), each group's model run on its
+        rows, results put back in row order: what ``model.onnx``'s If dispatch computes."""
+        from .runtime import run_denoiser
+
+        ends = np.asarray([int(g["end"]) for g in self.manifest["timestep_groups"]])
+        row_group = np.searchsorted(ends, timesteps, side="left")
+        out = None
+        for group in np.unique(row_group):
+            rows = np.nonzero(row_group == group)[0]
+            result = run_denoiser(self.session(provider, model_path=paths[int(group)]), sample[rows], timesteps[rows],
+                                  labels[rows])
+            if out is None:
+                out = np.empty((len(timesteps), *result.shape[1:]), dtype=result.dtype)
+            out[rows] = result
+        return out
 
     def sample(self, class_labels: list[int], *, steps: int = 50, guidance_scale: float = 4.0, seed: int = 0,
                provider: str = "auto", progress: bool = False) -> torch.Tensor:

@@ -11,8 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import (FORMATS, GROUPINGS, RECIPES, SCALE_SHARING, UNFOLDABLE_MODES, WEIGHT_RANGES, CalibrationConfig,
-                     CompileConfig, LayerRule)
+from .config import (FORMATS, GROUPINGS, PRECISIONS, RECIPES, ROTATIONS, SCALE_SHARING, UNFOLDABLE_MODES, WEIGHT_CLIPS,
+                     WEIGHT_RANGES, CalibrationConfig, CompileConfig, LayerRule)
+from .config import TARGETS
 from .errors import DitqError
 
 DESCRIPTION = """\
@@ -55,11 +56,25 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-range", default="reduced", metavar="RANGE",
                         help="int8 weight range: " + "; ".join(f"{n}: {d}" for n, d in WEIGHT_RANGES.items()) +
                              " (default reduced)")
-    parser.add_argument("--layer", action="append", default=[], metavar="PATTERN=int8|fp",
-                        help="quantize (int8) or keep in float (fp) the linear layers whose module name matches "
-                             "the glob PATTERN, e.g. 'transformer_blocks.0.*=fp'. Repeatable; applied after the "
-                             "default set (every block linear and adaLN modulation), later rules win. A pattern "
-                             "that matches nothing is an error.")
+    parser.add_argument("--layer", action="append", default=[], metavar="PATTERN=PRECISION",
+                        help="the precision of the linear layers whose module name matches the glob PATTERN: "
+                             f"{', '.join(PRECISIONS)} (the weights/activations of the format of that name) or fp "
+                             "(keep in float), e.g. 'transformer_blocks.0.*=fp' or '*.ff.net.2=int8'. Repeatable; "
+                             "applied after the default set (every block linear and adaLN modulation at the "
+                             "format's precision), later rules win. A pattern that matches nothing is an error.")
+    parser.add_argument("--rotate", default="none", metavar="ROTATION",
+                        help="; ".join(f"{n}: {d}" for n, d in ROTATIONS.items()) + " (default none)")
+    parser.add_argument("--keep-sensitive", type=int, default=0, metavar="K",
+                        help="mixed precision: measure each layer's sensitivity (the output error of quantizing it "
+                             "alone, per timestep group) and move the K most sensitive inputs' layers up a "
+                             "precision (int4/fp4 -> int8, int8/fp8 -> float); listed in the manifest and dumps")
+    parser.add_argument("--budget-mb", type=float, default=None, metavar="MB",
+                        help="mixed precision by size: move the most sensitive layers up while the quantized "
+                             "weights fit MB")
+    parser.add_argument("--weight-clip", default=None, metavar="METHOD",
+                        help="weight scale search per output channel: " +
+                             "; ".join(f"{n}: {d}" for n, d in WEIGHT_CLIPS.items()) +
+                             " (default: percentile for ptq4dit, mse for fp4, minmax otherwise)")
     parser.add_argument("--calib-steps", type=int, default=25, help="sampling steps of each calibration "
                         "trajectory (default 25, as PTQ4DiT)")
     parser.add_argument("--calib-samples", type=int, default=8, help="(noise, class) pairs calibrated on "
@@ -74,6 +89,8 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration noise and classes")
     parser.add_argument("--no-verify", action="store_true", help="skip the check that ONNX Runtime fused every "
                         "quantized layer into an int8 kernel")
+    parser.add_argument("--target", default="cpu", choices=list(TARGETS), help="where the artifact runs: " +
+                        "; ".join(f"{n}: {t.description}" for n, t in TARGETS.items()) + " (default cpu)")
 
 
 def _config_from(args) -> CompileConfig:
@@ -84,8 +101,9 @@ def _config_from(args) -> CompileConfig:
                                       guidance_scale=args.guidance_scale, seed=args.seed),
         groups=args.groups, grouping=args.grouping,
         alpha=args.alpha, unfoldable=args.unfoldable, smooth_scales=args.smooth_scales,
-        weight_range=args.weight_range,
-        verify_fusion=not args.no_verify,
+        weight_range=args.weight_range, weight_clip=args.weight_clip,
+        keep_sensitive=args.keep_sensitive, budget_mb=args.budget_mb, rotate=args.rotate,
+        verify_fusion=not args.no_verify, target=args.target,
     ).validate()
 
 
@@ -136,8 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance "
                             "(default 4.0; <= 1 disables it)")
     run_parser.add_argument("--seed", type=int, default=0)
-    run_parser.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
-                            help="ONNX Runtime provider: auto picks CUDA when it is usable, else CPU")
+    run_parser.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+                            help="ONNX Runtime provider: auto picks the one the artifact was lowered for (its "
+                                 "--target) when it is usable here, else TensorRT -> CUDA -> CPU; another provider "
+                                 "than the target's runs, with one line saying what it costs")
+    run_parser.add_argument("--trt-cache", type=Path, metavar="DIR", help="where the TensorRT provider keeps its "
+                            "engines (default: ARTIFACT_DIR.trt-cache beside the artifact)")
     run_parser.add_argument("-o", "--output", type=Path, required=True, metavar="SAMPLES.npz")
 
     verify_parser = commands.add_parser(
@@ -145,17 +167,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hashes every file of the artifact and compares it with its manifest (which is itself "
                     "sealed). Prints 'ok', or names the file that differs and exits with code 2.")
     verify_parser.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
+
+    lower_parser = commands.add_parser(
+        "lower", help="re-lower an artifact for another target, without recalibrating",
+        description="Raises ARTIFACT_DIR's model back to the canonical form (the inverse of each lowering pass "
+                    "its manifest lists) and lowers it for --target. Activation parameters convert from the Q/DQ "
+                    "scale and zero point alone (int8 symmetric for tensorrt; dropped for cuda), so the numerics "
+                    "change; the new manifest records the agreement with the source artifact. A cpu-target "
+                    "artifact can be re-lowered to any target; a cuda-target one cannot (recompile it).")
+    lower_parser.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
+    lower_parser.add_argument("--target", required=True, choices=list(TARGETS))
+    lower_parser.add_argument("-o", "--output", type=Path, required=True, metavar="NEW_ARTIFACT_DIR")
+    lower_parser.add_argument("--force", action="store_true", help="replace NEW_ARTIFACT_DIR even when it is not "
+                              "a ditq artifact, deleting its contents")
+    lower_parser.add_argument("--dump-dir", type=Path, help="write every raising and lowering pass's dump there")
     return parser
 
 
-_ACTIVITY_NAMES = {"compile": "compiling", "inspect": "inspecting", "run": "sampling", "verify": "verifying"}
+_ACTIVITY_NAMES = {"compile": "compiling", "inspect": "inspecting", "run": "sampling", "verify": "verifying",
+                   "lower": "lowering"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .progress import heartbeat
 
-    commands = {"compile": _compile, "inspect": _inspect, "run": _run, "verify": _verify}
+    commands = {"compile": _compile, "inspect": _inspect, "run": _run, "verify": _verify, "lower": _lower}
     try:
         with heartbeat(_ACTIVITY_NAMES[args.command]):
             return commands[args.command](args)
@@ -215,10 +252,14 @@ def _run(args) -> int:
     check_seed(args.seed)
     with phase("verifying the artifact"):
         artifact = Artifact.load(args.artifact)
+    artifact.tensorrt_cache = args.trt_cache
+    choice = artifact.provider_choice(args.provider)
+    if choice.note:
+        print(f"ditq run: {choice.note}", file=sys.stderr)
     samples = artifact.sample(args.class_labels, steps=args.steps, guidance_scale=args.guidance_scale,
                               seed=args.seed, provider=args.provider, progress=True)
     output = args.output if args.output.suffix == ".npz" else args.output.with_suffix(".npz")
-    message = f"wrote {output} ({samples.shape[0]} samples, provider {artifact.session(args.provider).get_providers()[0]})"
+    message = f"wrote {output} ({samples.shape[0]} samples, provider {choice.provider})"
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         np.savez(output, samples=samples.numpy(), class_labels=np.asarray(args.class_labels, dtype=np.int64))
@@ -229,6 +270,17 @@ def _run(args) -> int:
     except OSError as exc:
         raise write_error(exc, "the samples") from None
     print(message)
+    return 0
+
+
+def _lower(args) -> int:
+    from .relower import relower
+
+    artifact = relower(args.artifact, args.target, args.output, force=args.force, dump_dir=args.dump_dir)
+    numerics = artifact.manifest["numerics"]
+    size = sum((artifact.path / f).stat().st_size for f in artifact.manifest["files"]) / 1e6
+    print(f"wrote {artifact.path} ({args.target} target, {size:.2f} MB; vs the source artifact: relative L2 "
+          f"{numerics['relative_l2']:.2e})")
     return 0
 
 

@@ -23,13 +23,15 @@ from .qspec import QuantizerSpec
 
 @dataclass(frozen=True)
 class FormatSpec:
-    """A number format: how weights and activations are quantized (``--format``)."""
+    """A number format: how weights and activations are quantized (``--format``). ``precision`` is the
+    per-layer precision (``--layer PATTERN=<precision>``) its quantized layers get by default."""
 
     name: str
     weight: QuantizerSpec | None
     activation: QuantizerSpec | None
     implemented: bool
     description: str
+    precision: str = ""
 
 
 # Activations: static, per tensor, affine uint8. uint8 with a zero point is the form ONNX Runtime's CPU int8
@@ -39,13 +41,21 @@ class FormatSpec:
 FORMATS: dict[str, FormatSpec] = {
     "w8a8": FormatSpec("w8a8", QuantizerSpec.integer("int8", "channel", True),
                        QuantizerSpec.integer("uint8", "tensor", False), True,
-                       "int8 weights per output channel, static uint8 activations per tensor"),
+                       "int8 weights per output channel, static uint8 activations per tensor", "int8"),
     "w4a8": FormatSpec("w4a8", QuantizerSpec.integer("int4", "channel", True),
                        QuantizerSpec.integer("uint8", "tensor", False), True,
-                       "int4 weights per output channel (stored in 4 bits), static uint8 activations per tensor"),
-    "fp8": FormatSpec("fp8", None, None, False, "FP8 (E4M3) weights and activations"),
-    "fp4": FormatSpec("fp4", None, None, False, "FP4 (E2M1) weights and activations"),
+                       "int4 weights per output channel (stored in 4 bits), static uint8 activations per tensor",
+                       "int4"),
+    "fp8": FormatSpec("fp8", QuantizerSpec.float8("channel"), QuantizerSpec.float8("tensor"), True,
+                      "FP8 E4M3 weights per output channel and activations per tensor (on the CPU: fp8 storage, "
+                      "float MatMul)", "fp8"),
+    "fp4": FormatSpec("fp4", QuantizerSpec.fp4("channel"), QuantizerSpec.fp4("tensor"), True,
+                      "HQ-DiT W4A4: 4-bit float weights and activations, grid (E2M1/E3M0/INT4) and clipping chosen "
+                      "per layer; run exactly on the int8 kernels", "fp4"),
 }
+
+# --layer PATTERN=<precision>: each precision is the weight/activation pair of the format of that name.
+PRECISIONS: dict[str, str] = {"int8": "w8a8", "int4": "w4a8", "fp8": "fp8", "fp4": "fp4"}
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,53 @@ SCALE_SHARING: dict[str, str] = {
     "shared": "one smoothing scale for every timestep group (int8 weights stay shared)",
     "per-group": "smoothing scales per timestep group (each group stores its own weights)",
 }
+ROTATIONS: dict[str, str] = {
+    "none": "no rotation",
+    "hadamard": "rotate each quantized input by a block-diagonal Hadamard matrix (weights absorb it); folded into "
+                "V for the attention output, an online MatMul elsewhere",
+}
+WEIGHT_CLIPS: dict[str, str] = {
+    "minmax": "scale from each output channel's max |w|",
+    "percentile": "PTQ4DiT: clip at the 0.999/0.9999/0.99999 quantile or the max, lowest error per channel",
+    "mse": "clip at 0.5..1.0 of the max, lowest (for FP4: activation-weighted) error per channel",
+}
+@dataclass(frozen=True)
+class TargetSpec:
+    """Where an artifact runs (``--target``): the ONNX Runtime provider, and the numeric choices that
+    provider's kernels dictate. The graph rewrites for each target are ``exporters/lowering/<target>.py``.
+
+    ``activations``: ``as-format`` keeps the format's activation quantizer (CPU: uint8 affine per tensor,
+    what ONNX Runtime's u8 x s8 GEMMs take); ``none`` quantizes no activation (CUDA: ONNX Runtime has no
+    integer GEMM for Q/DQ graphs there, so the layers are weight-only ``MatMulNBits`` on float16 inputs);
+    ``symmetric`` makes integer activations int8 with zero point 0 (TensorRT's parser requires
+    ``y_zero_point == 0``; FP8 quantizers are symmetric already). ``int32_bias``: 2-d layers carry the
+    int32 bias of ``QGemm`` (CPU only; TensorRT and MatMulNBits add a float bias)."""
+
+    name: str
+    provider: str
+    activations: str
+    int32_bias: bool
+    description: str
+
+    def activation_for(self, spec: QuantizerSpec | None) -> QuantizerSpec | None:
+        if spec is None or self.activations == "none":
+            return None
+        if self.activations == "symmetric" and spec.is_integer:
+            return QuantizerSpec.integer("int8", spec.granularity, True)
+        return spec
+
+
+TARGETS: dict[str, TargetSpec] = {t.name: t for t in (
+    TargetSpec("cpu", "CPUExecutionProvider", "as-format", True,
+               "ONNX Runtime's CPU provider: fused int8 kernels (MatMulIntegerToFloat, QGemm), uint8 activations"),
+    TargetSpec("cuda", "CUDAExecutionProvider", "none", False,
+               "ONNX Runtime's CUDA provider: float16 compute, weight-only MatMulNBits (8 or 4 bit), fused "
+               "MultiHeadAttention; activations are not quantized"),
+    TargetSpec("tensorrt", "TensorrtExecutionProvider", "symmetric", False,
+               "ONNX Runtime's TensorRT provider: explicit symmetric Q/DQ (int8 or FP8), one model file per "
+               "timestep group"),
+)}
+
 WEIGHT_RANGES: dict[str, str] = {
     "full": "int8 weights in [-127, 127]: exact only on CPUs whose u8 x s8 kernels do not saturate (VNNI/AMX)",
     "reduced": "7-bit weights in [-63, 63]: exact on every x86 CPU (no int16 saturation), one bit less precise",
@@ -90,18 +147,31 @@ WEIGHT_RANGES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class LayerRule:
-    """``pattern`` is an fnmatch glob over module names (``transformer_blocks.*.ff.*``)."""
+    """``pattern`` is an fnmatch glob over module names (``transformer_blocks.*.ff.*``); ``precision`` one of
+    ``int8 int4 fp8 fp4`` or ``fp`` (keep in float). ``LayerRule(pattern, True)`` means the format's own
+    precision, ``False`` float."""
 
     pattern: str
-    quantize: bool
+    precision: str | bool
+
+    def __post_init__(self) -> None:
+        if self.precision is True:
+            object.__setattr__(self, "precision", "default")
+        elif self.precision is False:
+            object.__setattr__(self, "precision", "fp")
+
+    @property
+    def quantize(self) -> bool:
+        return self.precision != "fp"
 
     @classmethod
     def parse(cls, text: str) -> "LayerRule":
-        """``PATTERN=int8`` or ``PATTERN=fp``."""
+        """``PATTERN=int8|int4|fp8|fp4|fp``."""
         pattern, sep, mode = text.rpartition("=")
-        if not sep or mode not in ("int8", "fp") or not pattern:
-            raise ConfigError(f"layer rule {text!r} must look like PATTERN=int8 or PATTERN=fp")
-        return cls(pattern, mode == "int8")
+        choices = "|".join([*PRECISIONS, "fp"])
+        if not sep or mode not in (*PRECISIONS, "fp") or not pattern:
+            raise ConfigError(f"layer rule {text!r} must look like PATTERN={choices}")
+        return cls(pattern, mode)
 
 
 @dataclass(frozen=True)
@@ -147,8 +217,17 @@ class CompileConfig:
     smooth_scales: str | None = None
     # int8 weight range: full, or reduced to 7 bits so that u8 x s8 kernels without VNNI cannot saturate.
     weight_range: str = "reduced"
+    # Weight clipping search (None: the recipe's or format's default).
+    weight_clip: str | None = None
+    # Hadamard rotation of the quantized inputs (passes/rotation.py): none | hadamard.
+    rotate: str = "none"
+    # Mixed precision: move the K most sensitive inputs' layers up a precision, or as many as fit the budget.
+    keep_sensitive: int = 0
+    budget_mb: float | None = None
     # Check after compiling that ONNX Runtime fused every quantized layer into an int8 kernel.
     verify_fusion: bool = True
+    # Where the artifact runs: cpu | cuda | tensorrt (TARGETS).
+    target: str = "cpu"
 
     def validate(self) -> "CompileConfig":
         if self.format not in FORMATS:
@@ -180,6 +259,26 @@ class CompileConfig:
                               f"{', '.join(SCALE_SHARING)}")
         if self.weight_range not in WEIGHT_RANGES:
             raise ConfigError(f"unknown --weight-range {self.weight_range!r}; choose one of {', '.join(WEIGHT_RANGES)}")
+        if self.rotate not in ROTATIONS:
+            raise ConfigError(f"unknown --rotate {self.rotate!r}; choose one of {', '.join(ROTATIONS)}")
+        if not isinstance(self.keep_sensitive, int) or self.keep_sensitive < 0:
+            raise ConfigError(f"--keep-sensitive must be a whole number >= 0, got {self.keep_sensitive}")
+        if self.budget_mb is not None:
+            if not math.isfinite(self.budget_mb) or self.budget_mb <= 0:
+                raise ConfigError(f"--budget-mb must be a positive number, got {self.budget_mb}")
+            if self.keep_sensitive:
+                raise ConfigError("give either --keep-sensitive or --budget-mb, not both")
+        if self.weight_clip is not None and self.weight_clip not in WEIGHT_CLIPS:
+            raise ConfigError(f"unknown --weight-clip {self.weight_clip!r}; choose one of {', '.join(WEIGHT_CLIPS)}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown --target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        precisions = {self.format_spec.precision} | {r.precision for r in self.layer_rules}
+        if self.target == "cuda" and "fp8" in precisions:
+            raise ConfigError("--target cuda does not take fp8 layers: ONNX Runtime's CUDA provider has no FP8 GEMM "
+                              "for Q/DQ graphs and MatMulNBits takes int4/int8 weights; use --target tensorrt for FP8")
+        if self.target == "tensorrt" and "fp4" in precisions:
+            raise ConfigError("--target tensorrt does not take fp4 layers: ditq's FP4 runs exactly on int8 kernels "
+                              "with uint8 activations (TensorRT's FP4 is NVFP4 on Blackwell); use --target cpu")
         return self
 
     @property
@@ -199,22 +298,45 @@ class CompileConfig:
         return self.smooth_scales or self.recipe_spec.default_scales
 
     @property
+    def effective_weight_clip(self) -> str:
+        """``--weight-clip``, else PTQ4DiT's percentile search for ptq4dit, an MSE search for FP4 (HQ-DiT's
+        clipping selection), min/max otherwise."""
+        if self.weight_clip:
+            return self.weight_clip
+        if self.recipe == "ptq4dit":
+            return "percentile"
+        return "mse" if self.format == "fp4" else "minmax"
+
+    @property
     def weight_spec(self) -> QuantizerSpec:
-        spec = self.format_spec.weight
+        return self.weight_spec_for(self.format_spec.precision)
+
+    @property
+    def activation_spec(self) -> QuantizerSpec | None:
+        return self.activation_spec_for(self.format_spec.precision)
+
+    def weight_spec_for(self, precision: str) -> QuantizerSpec:
+        spec = FORMATS[PRECISIONS[precision]].weight
         if spec.dtype == "int8" and self.weight_range == "reduced":
             return QuantizerSpec.integer("int8", spec.granularity, spec.symmetric, bits=7)
         return spec
 
+    def activation_spec_for(self, precision: str) -> QuantizerSpec | None:
+        """The format's activation quantizer as the target takes it (see :class:`TargetSpec`)."""
+        return self.target_spec.activation_for(FORMATS[PRECISIONS[precision]].activation)
+
     @property
-    def activation_spec(self) -> QuantizerSpec:
-        return self.format_spec.activation
+    def target_spec(self) -> TargetSpec:
+        return TARGETS[self.target]
 
     def with_rules(self, *rules: LayerRule) -> "CompileConfig":
         return replace(self, layer_rules=self.layer_rules + tuple(rules))
 
-    def select_layers(self, layer_names: list[str]) -> dict[str, bool]:
-        """Which of ``layer_names`` are quantized, after defaults and rules (later rules win)."""
-        decision = {name: DIT.quantized_by_default(name) for name in layer_names}
+    def select_layers(self, layer_names: list[str]) -> dict[str, str | None]:
+        """The precision of each of ``layer_names`` (None: kept in float), after the family's default set
+        (the format's precision) and the rules (later rules win)."""
+        default = self.format_spec.precision
+        decision = {name: default if DIT.quantized_by_default(name) else None for name in layer_names}
         for rule in self.layer_rules:
             matched = [name for name in layer_names if fnmatch.fnmatchcase(name, rule.pattern)]
             if not matched:
@@ -224,7 +346,8 @@ class CompileConfig:
                     f"(names look like: {sample}, ...)"
                 )
             for name in matched:
-                decision[name] = rule.quantize
+                decision[name] = None if rule.precision == "fp" else \
+                    default if rule.precision == "default" else rule.precision
         return decision
 
     def to_manifest(self) -> dict:
@@ -233,8 +356,12 @@ class CompileConfig:
             "recipe": self.recipe,
             "recipe_options": {"alpha": self.effective_alpha, "unfoldable": self.unfoldable,
                                "smooth_scales": self.effective_scale_sharing},
+            "target": self.target,
             "weight_range": self.weight_range,
-            "layer_rules": [{"pattern": r.pattern, "quantize": r.quantize} for r in self.layer_rules],
+            "weight_clip": self.effective_weight_clip,
+            "rotate": self.rotate,
+            "mixed_precision": {"keep_sensitive": self.keep_sensitive, "budget_mb": self.budget_mb},
+            "layer_rules": [{"pattern": r.pattern, "precision": r.precision} for r in self.layer_rules],
             "grouping": {"groups": self.groups, "method": self.grouping},
             "calibration": {
                 "steps": self.calibration.steps,

@@ -33,8 +33,23 @@ MANIFEST_FILE = "manifest.json"
 COMPILE_LOG_FILE = "compile_log.json"
 SEAL_KEY = "manifest_sha256"
 HASH_BLOCK = 1 << 20
+GROUP_MODEL_FILE = re.compile(r"model\.group\d{1,4}\.onnx(\.data)?")  # one model per timestep group (TensorRT)
+
+
+def group_model_file(group: int) -> str:
+    """The file of timestep group ``group``'s own model in a tensorrt-target artifact."""
+    return f"model.group{group}.onnx"
+
+
+class _ArtifactFileNames(frozenset):
+    """The fixed names, and the per-group model files (``model.group<g>.onnx`` and its ``.data``)."""
+
+    def __contains__(self, name) -> bool:
+        return frozenset.__contains__(self, name) or (isinstance(name, str) and bool(GROUP_MODEL_FILE.fullmatch(name)))
+
+
 # Names an artifact directory may hold; a stale staging directory holding anything else is not ours.
-KNOWN_FILES = frozenset({MODEL_FILE, MODEL_FILE + ".data", MANIFEST_FILE, COMPILE_LOG_FILE})
+KNOWN_FILES = _ArtifactFileNames({MODEL_FILE, MODEL_FILE + ".data", MANIFEST_FILE, COMPILE_LOG_FILE})
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")

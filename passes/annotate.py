@@ -8,8 +8,9 @@ default set, then the user's rules, later rules winning. The spec carries everyt
 * the input key, ``<first reader>:in``, shared by every quantized layer that reads the same tensor
   (q, k and v), which therefore get one activation quantizer and one joint smoothing vector;
 * the weight and activation quantizer specs of the format (read from the configuration, never assumed);
-* the bias form: layers whose input is 2-d (the adaLN modulation) become ``Gemm`` in ONNX Runtime, whose
-  integer kernel ``QGemm`` needs an int32 bias quantized with ``s_x * s_w``.
+* the bias form: on the CPU target, layers whose input is 2-d (the adaLN modulation) become ``Gemm`` in ONNX
+  Runtime, whose integer kernel ``QGemm`` needs an int32 bias quantized with ``s_x * s_w``; the other
+  targets keep a float bias (``TargetSpec.int32_bias``).
 """
 
 from __future__ import annotations
@@ -38,22 +39,26 @@ class AnnotateLinearQuantization(GraphPass):
         details, annotated = [], 0
         input_keys: dict[str, str] = {}  # fx input node -> stable key (first reader's layer key)
         for site in sites:
-            if not decision[site.module]:
+            precision = decision[site.module]
+            if precision is None:
                 site.node.meta.pop(SPEC_KEY, None)
                 details.append(f"keep fp   {site.layer}  ({_why_fp(site.module, ctx)})")
                 continue
             input_key = input_keys.setdefault(site.input.name, f"{site.layer}:in")
             two_d = site.input.meta["val"].dim() == 2
-            activation = config.activation_spec
+            activation = config.activation_spec_for(precision)
             spec = LinearQuantSpec(
                 layer=site.layer, module=site.module, role=ctx.family.role_of(site.module), input_key=input_key,
-                weight=config.weight_spec, activation=activation,
-                # an int32 bias needs an input scale; weight-only layers keep a float bias
-                bias="int32" if two_d and site.bias is not None and activation is not None else "float",
+                weight=config.weight_spec_for(precision), activation=activation,
+                # QGemm's int32 bias (CPU target only) needs an integer input scale; weight-only and FP8
+                # layers, and the other targets' kernels, keep a float bias
+                bias="int32" if config.target_spec.int32_bias and two_d and site.bias is not None
+                and activation is not None
+                and activation.dtype != "float8e4m3fn" else "float",
             )
             site.node.meta[SPEC_KEY] = spec
             annotated += 1
-            details.append(f"quantize  {site.layer}  role {spec.role}, input {input_key}, weight "
+            details.append(f"quantize  {site.layer}  {precision}, role {spec.role}, input {input_key}, weight "
                            f"{spec.weight.describe()}, input "
                            f"{spec.activation.describe() if spec.activation else 'float (weight-only)'}, bias {spec.bias}")
         summary = (f"annotated {annotated} of {len(sites)} linear calls for {config.format} "
