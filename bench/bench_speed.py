@@ -1,36 +1,56 @@
-"""Speed and size benchmark: writes docs/benchmarks.md.
+"""Speed, size and memory benchmark: writes docs/benchmarks.md.
 
-For random-weight DiT-S/2 and DiT-B/2 shapes (batch 2, 256 tokens: 32x32x4 latents, patch 2), in one run:
-compile time, artifact size, ONNX Runtime CPU latency of the FP32 export, the ditq W8A8 artifact and
-ONNX Runtime's own ``quantize_static`` (per-channel QDQ, all ops and MatMul/Gemm only) on the same FP32
-export calibrated on the same trajectories, and the output error of each against FP32.
+For random-weight DiT shapes (S/2, B/2, XL/2 of the DiT paper; 32x32x4 latents, patch 2, 256 tokens), in one
+run: compile time and peak host memory of ditq (a child process each), artifact size, ONNX Runtime CPU latency
+at each batch size of the FP32 export, the ditq W8A8 artifact and ONNX Runtime's own ``quantize_static`` on the
+same FP32 export calibrated on the same trajectories (uint8 and int8 activations, MatMul/Gemm only and all
+ops), the output error of each against FP32 on held-out denoiser inputs from several timesteps, and ONNX
+Runtime's per-op profile of the W8A8 artifact.
 
-    python bench/bench_speed.py            # both models, ~10 minutes on 2 cores
-    python bench/bench_speed.py --models S # one
+    python bench/bench_speed.py                                  # S and B, batches 2 and 8
+    python bench/bench_speed.py --models XL --batches 2 --runs 5  # DiT-XL/2: slow, external data
+    python bench/bench_speed.py --compare-profile OLD.onnx NEW.onnx   # per-op profile of two models
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (export_fp32, file_size_mb, latencies_ms, machine_description, quantize_static_baseline,  # noqa: E402
-                    relative_l2, run_output, trajectory_batches)
+from common import (PROFILE_CATEGORIES, PhaseMemorySampler, close_sessions, export_fp32, file_size_mb, latencies_ms,  # noqa: E402
+                    machine_description, profile_by_op, quantize_static_baseline, relative_l2, run_child,
+                    run_output, trajectory_batches)
 
-SHAPES = {  # DiT paper sizes: hidden width, depth, heads
+SHAPES = {  # DiT paper sizes: heads, head width (hidden = heads x width), depth
     "S": dict(num_attention_heads=6, attention_head_dim=64, num_layers=12),
     "B": dict(num_attention_heads=12, attention_head_dim=64, num_layers=12),
+    "XL": dict(num_attention_heads=16, attention_head_dim=72, num_layers=28),
 }
+FP32, DITQ, GROUPS4 = "FP32 export", "ditq W8A8 minmax", "ditq W8A8 minmax, 4 timestep groups"
+PEERS = {  # row -> (activations, MatMul/Gemm only)
+    "quantize_static uint8 act., MatMul/Gemm": ("uint8", True),
+    "quantize_static uint8 act., all ops": ("uint8", False),
+    "quantize_static int8 act., MatMul/Gemm": ("int8", True),
+    "quantize_static int8 act., all ops": ("int8", False),
+}
+FAIR_PEER = "quantize_static uint8 act., MatMul/Gemm"
+MEMORY_GOAL = 2.5  # peak host memory of a compile, in FP32 model sizes (issue 11)
 
 
 def random_dit(size: str, seed: int = 0):
+    """A random-weight diffusers DiT of the paper's shape whose blocks share block 0's timestep/class embedder,
+    as every DiT checkpoint converted from the original does (``convert_original_dit_state_dict``)."""
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
@@ -40,119 +60,297 @@ def random_dit(size: str, seed: int = 0):
         for parameter in model.parameters():
             if parameter.dim() == 2 and parameter.abs().sum() == 0:
                 parameter.normal_(0, 0.02)
+        for block in model.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
     return model
 
 
-def bench_model(size: str, work: Path, args) -> dict:
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiles run in a child process: wall time and peak resident memory of that process alone
+# ------------------------------------------------------------------------------------------------
+
+def compile_child(checkpoint: str, output: str, report: str, steps: int, samples: int, groups: int) -> None:
+    """Runs in the child: compile, and write its seconds and per-phase peak memory to ``report``."""
     from ditq_compiler import CalibrationConfig, CompileConfig
     from ditq_compiler import compile as compile_checkpoint
+    from ditq_compiler.progress import _ACTIVITY  # read only: the name of the phase running now
+
+    config = CompileConfig(calibration=CalibrationConfig(steps=steps, samples=samples), groups=groups,
+                           grouping="uniform")
+    start = time.perf_counter()
+    with PhaseMemorySampler(lambda: _ACTIVITY.name) as sampler:
+        artifact = compile_checkpoint(checkpoint, output, config, force=True)
+    Path(report).write_text(json.dumps({"seconds": time.perf_counter() - start, "phases": sampler.report(),
+                                        "compile_seconds": artifact.compile_log["compile_seconds"]}))
+
+
+def compile_in_child(checkpoint: Path, output: Path, args, groups: int = 1) -> dict:
+    report = output.with_suffix(".compile.json")
+    code, seconds, peak = run_child([__file__, "--compile-child", str(checkpoint), str(output), str(report),
+                                     str(args.calib_steps), str(args.calib_samples), str(groups)])
+    if code != 0:
+        raise SystemExit(f"compiling {checkpoint} failed (exit {code})")
+    return {**json.loads(report.read_text()), "process_seconds": seconds, "peak_bytes": peak}
+
+
+# ------------------------------------------------------------------------------------------------
+# One model
+# ------------------------------------------------------------------------------------------------
+
+def eval_inputs(model, scheduler_config: dict, args) -> tuple[list[int], list[dict]]:
+    """Held-out denoiser inputs: a trajectory with other noise and labels than calibration's, taken at
+    ``args.eval_points`` timesteps spread from the first step to the last."""
+    batches = trajectory_batches(model, scheduler_config, steps=args.calib_steps, samples=args.calib_samples,
+                                 guidance_scale=4.0, seed=1000 + args.seed)
+    picks = sorted({round(i * (len(batches) - 1) / max(args.eval_points - 1, 1)) for i in range(args.eval_points)})
+    chosen = [batches[i] for i in picks]
+    return [int(b["timestep"][0]) for b in chosen], chosen
+
+
+def latency_feeds(batch: int, seed: int = 123) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {"sample": torch.randn((batch, 4, 32, 32), generator=generator).numpy(),
+            "timestep": np.full(batch, 500, dtype=np.int64),
+            "class_labels": (np.arange(batch, dtype=np.int64) * 137) % 1001}
+
+
+def bench_model(size: str, work: Path, args) -> dict:
+    from ditq_compiler import Artifact
+    from ditq_compiler.cpu import u8s8_saturates
     from ditq_compiler.loading import DEFAULT_SCHEDULER_CONFIG
 
-    model = random_dit(size)
+    print(f"== DiT-{size}/2", file=sys.stderr)
+    model = random_dit(size, args.seed)
+    fp32_bytes = model_bytes(model)
     checkpoint = work / f"dit-{size}"
     model.save_pretrained(checkpoint, safe_serialization=True)
-    calibration = CalibrationConfig(steps=args.calib_steps, samples=args.calib_samples)
+
+    compiles = {DITQ: compile_in_child(checkpoint, work / f"dit-{size}-w8a8", args)}
+    artifact = Artifact.load(work / f"dit-{size}-w8a8")
+    paths = {FP32: work / f"dit-{size}-fp32.onnx", DITQ: artifact.model_path}
+    if size != "XL" and not args.skip_groups:
+        compiles[GROUPS4] = compile_in_child(checkpoint, work / f"dit-{size}-w8a8-g4", args, groups=4)
+        paths[GROUPS4] = Artifact.load(work / f"dit-{size}-w8a8-g4").model_path
 
     start = time.perf_counter()
-    artifact = compile_checkpoint(checkpoint, work / f"dit-{size}-w8a8", CompileConfig(calibration=calibration))
-    ditq_seconds = time.perf_counter() - start
+    export_fp32(model, paths[FP32])
+    seconds = {FP32: time.perf_counter() - start, DITQ: compiles[DITQ]["seconds"]}
 
-    grouped = compile_checkpoint(checkpoint, work / f"dit-{size}-w8a8-g4",
-                                 CompileConfig(calibration=calibration, groups=4, grouping="uniform"))
+    calibration = trajectory_batches(model, DEFAULT_SCHEDULER_CONFIG, steps=args.calib_steps,
+                                     samples=args.calib_samples, guidance_scale=4.0, seed=args.seed)
+    reduce_range = u8s8_saturates()
+    if not args.skip_peers:
+        for name, (activations, matmul_only) in PEERS.items():
+            paths[name] = work / f"dit-{size}-qs-{activations}-{'mm' if matmul_only else 'all'}.onnx"
+            start = time.perf_counter()
+            quantize_static_baseline(paths[FP32], paths[name], calibration, matmul_only=matmul_only,
+                                     activations=activations, reduce_range=reduce_range and activations == "uint8")
+            seconds[name] = seconds[FP32] + time.perf_counter() - start
+    del calibration
 
-    fp32_path = work / f"dit-{size}-fp32.onnx"
-    start = time.perf_counter()
-    export_fp32(model, fp32_path)
-    fp32_seconds = time.perf_counter() - start
+    timesteps, evals = eval_inputs(model, DEFAULT_SCHEDULER_CONFIG, args)
+    del model
+    reference = [run_output(paths[FP32], b) for b in evals]
+    errors = {name: [relative_l2(run_output(path, b), ref) for b, ref in zip(evals, reference)]
+              for name, path in paths.items() if name != GROUPS4}
+    close_sessions()  # the error sessions' memory, before timing
 
-    batches = trajectory_batches(model, DEFAULT_SCHEDULER_CONFIG, steps=calibration.steps,
-                                 samples=calibration.samples, guidance_scale=calibration.guidance_scale,
-                                 seed=calibration.seed)
-    baselines = {}
-    for name, matmul_only in (("quantize_static (all ops)", False), ("quantize_static (MatMul/Gemm)", True)):
-        path = work / f"dit-{size}-{'mm' if matmul_only else 'all'}-qs.onnx"
-        start = time.perf_counter()
-        quantize_static_baseline(fp32_path, path, batches, matmul_only=matmul_only)
-        baselines[name] = (path, fp32_seconds + time.perf_counter() - start)
+    runs = args.runs if size != "XL" else min(args.runs, args.xl_runs)
+    latency = {batch: latencies_ms(paths, latency_feeds(batch), threads=args.threads, rounds=runs)
+               for batch in args.batches}
+    profile = None
+    if size == args.profile_model:
+        feeds = latency_feeds(args.profile_batch)
+        profile = {name: profile_by_op(paths[name], feeds, threads=args.threads, runs=args.profile_runs,
+                                       work_dir=work) for name in (DITQ, FP32)}
+    return {
+        "size": size, "config": SHAPES[size], "fp32_bytes": fp32_bytes, "seconds": seconds,
+        "sizes": {name: file_size_mb(path) for name, path in paths.items()},
+        "latency": latency, "errors": errors, "timesteps": timesteps, "runs": runs,
+        "compiles": compiles, "reduce_range": reduce_range, "profile": profile,
+        "kernels": artifact.manifest["fusion"]["kernels"], "layers": len(artifact.manifest["quantized_layers"]),
+        "passes": {p["name"]: p["summary"] for p in artifact.manifest["passes"]},
+        "lowering": {p["name"]: p["summary"] for p in artifact.manifest["lowering"]["passes"] if p["modified"]},
+    }
 
-    # Accuracy on denoiser inputs from a trajectory (noisy latents at real timesteps), batch 2.
-    generator = torch.Generator().manual_seed(123)
-    feeds = {"sample": torch.randn((2, 4, 32, 32), generator=generator).numpy(),
-             "timestep": torch.tensor([500, 500]).numpy(), "class_labels": torch.tensor([207, 1000]).numpy()}
-    eval_batches = [batches[len(batches) // 2], batches[-1]]
-    reference = [run_output(fp32_path, b) for b in eval_batches]
 
-    paths = {"FP32 export": fp32_path, "ditq W8A8 minmax": artifact.model_path,
-             **{name: path for name, (path, _) in baselines.items()}, "ditq 4 groups": grouped.model_path}
-    latency = latencies_ms(paths, feeds, rounds=args.runs)
-    fp32_ms = latency["FP32 export"]
-    rows = [("FP32 export", fp32_seconds, file_size_mb(fp32_path), fp32_ms, 0.0)]
-    for name, (path, seconds) in [("ditq W8A8 minmax", (artifact.model_path, ditq_seconds)), *baselines.items()]:
-        errors = [relative_l2(run_output(path, b), ref) for b, ref in zip(eval_batches, reference)]
-        rows.append((name, seconds, file_size_mb(path), latency[name], max(errors)))
-    # 4 timestep groups vs 1: the same inputs at one timestep (one branch runs), latency and size.
-    groups = {"one_ms": latency["ditq W8A8 minmax"], "four_ms": latency["ditq 4 groups"],
-              "one_mb": file_size_mb(artifact.model_path), "four_mb": file_size_mb(grouped.model_path),
-              "compile_s": grouped.compile_log["compile_seconds"], "fused": grouped.manifest["fusion"]["fused_layers"],
-              "layers": len(grouped.manifest["quantized_layers"])}
-    return {"size": size, "rows": rows, "fp32_ms": fp32_ms, "groups": groups,
-            "kernels": artifact.manifest["fusion"]["kernels"], "layers": len(artifact.manifest["quantized_layers"])}
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+def profile_table(profiles: dict[str, dict]) -> list[str]:
+    names = list(profiles)
+    lines = ["| op type (ONNX Runtime's optimized graph) | " + " | ".join(f"{n} ms (nodes)" for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for category in [name for name, _ in PROFILE_CATEGORIES] + ["others"]:
+        cells = [f"{profiles[n]['categories'][category]:.1f} ({profiles[n]['nodes'][category]})" for n in names]
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    lines.append("| **sum of kernels** | " + " | ".join(f"**{profiles[n]['kernel_total_ms']:.1f}**" for n in names)
+                 + " |")
+    lines.append("| wall time of a run | " + " | ".join(f"{profiles[n]['wall_ms']:.1f}" for n in names) + " |")
+    return lines
+
+
+def goal_lines(result: dict, batch: int) -> list[str]:
+    latency = result["latency"][batch]
+    error = {name: max(values) for name, values in result["errors"].items()}
+    ours = latency[DITQ]
+    lines = [f"- ditq W8A8 vs FP32 export: **{latency[FP32] / ours:.2f}x** (goal 4.5x), relative output error "
+             f"{error[DITQ]:.2%} (goal at most 1%)."]
+    if FAIR_PEER in latency:
+        lines.append(f"- ditq W8A8 vs the fair peer ({FAIR_PEER}, {error[FAIR_PEER]:.2%} error): "
+                     f"**{latency[FAIR_PEER] / ours:.2f}x** (goal 1.8x).")
+        usable = {n: latency[n] for n in PEERS if n in latency and error[n] <= 0.01}
+        if usable:
+            best = min(usable, key=usable.get)
+            lines.append(f"- Fastest peer row within 1% error: {best} ({usable[best]:.1f} ms); ditq is "
+                         f"{usable[best] / ours:.2f}x faster.")
+        else:
+            lines.append("- No quantize_static row stays within 1% error here.")
+    return lines
 
 
 def write_report(results: list[dict], args, path: Path) -> None:
+    batches = args.batches
     lines = [
         "# Benchmarks",
         "",
-        "Written by `python bench/bench_speed.py`; every number below comes from one run of it.",
+        "Written by `python bench/bench_speed.py`; every number below comes from one run of it "
+        f"(`--models {' '.join(args.models)} --batches {' '.join(map(str, batches))}`).",
         "",
-        f"- Machine: {machine_description()}",
+        f"- Machine: {machine_description()}. The machine was shared with other jobs during the run: absolute "
+        "times move by up to 2x between runs; the ratios within one table (interleaved rounds) are what to compare.",
         f"- Date: {datetime.date.today().isoformat()}",
         "- Models: random-weight diffusers `DiTTransformer2DModel` with the DiT paper's shapes, 32x32x4 latents, "
-        "patch 2 (256 tokens), 1000 classes; batch 2 (one guided sample); ONNX Runtime CPU provider, 2 intra-op "
-        f"threads; every model of a table is timed in the same {args.runs} interleaved rounds (one run of each "
-        "per round, after 3 warm-up runs each) and the median is reported.",
-        f"- Calibration (ditq and both `quantize_static` rows): the same {args.calib_samples} samples x "
-        f"{args.calib_steps} DDPM steps with guidance 4.0.",
-        "- Error: relative L2 of the output vs the FP32 export on two denoiser inputs taken from those trajectories "
-        "(mid-trajectory and last step); the larger of the two.",
-        "- `quantize_static` rows run ONNX Runtime's quantizer on the same FP32 export (QDQ, per-channel, int8); "
-        "their compile time includes that export.",
+        "patch 2 (256 tokens), 1000 classes; every block holds block 0's timestep/class embedder, as checkpoints "
+        "converted from the original DiT do. ONNX Runtime CPU provider, "
+        f"{args.threads} intra-op threads; every model of a table is timed in the same interleaved rounds (one run "
+        "of each per round, after 3 warm-up runs each) and the median is reported.",
+        f"- Calibration (ditq and every `quantize_static` row): the same {args.calib_samples} samples x "
+        f"{args.calib_steps} DDPM steps with guidance 4.0 (batch {2 * args.calib_samples}: conditional and "
+        "null-class rows).",
+        f"- Error: relative L2 of the output vs the FP32 export on held-out denoiser inputs (a trajectory with other "
+        f"noise and labels than calibration) at {args.eval_points} timesteps from the first step to the last; the "
+        "table shows the largest, the per-timestep values follow it.",
+        "- `quantize_static` rows: ONNX Runtime's quantizer on the same FP32 export (QDQ, per-channel int8 weights, "
+        "min/max calibration); uint8 activations are what ONNX Runtime's x86 int8 GEMMs take, int8 activations are "
+        "converted by ONNX Runtime itself. Their compile time includes the FP32 export.",
         "- Random weights have none of a trained DiT's activation outliers, so the errors here understate what "
         "quantization costs; quality on a trained model is measured in [quality.md](quality.md).",
         "- CUDA provider: not measured in this run (no GPU on the machine that ran it).",
         "",
     ]
     for result in results:
-        lines += [f"## DiT-{result['size']}/2", "",
-                  "| artifact | compile s | size MB | latency ms | speed-up vs FP32 | rel. L2 error vs FP32 |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for name, seconds, size, ms, error in result["rows"]:
-            lines.append(f"| {name} | {seconds:.1f} | {size:.1f} | {ms:.1f} | {result['fp32_ms'] / ms:.2f}x | "
-                         f"{error:.2%} |")
-        lines += ["", f"ditq: {result['layers']} quantized layers, ONNX Runtime kernels {result['kernels']}.", ""]
-        g = result["groups"]
-        growth = (g["four_mb"] - g["one_mb"]) / 3
-        lines += [f"Timestep groups (W8A8 minmax, `--groups 4 --grouping uniform` vs 1 group): latency "
-                  f"{g['four_ms']:.1f} ms vs {g['one_ms']:.1f} ms ({g['four_ms'] / g['one_ms'] - 1:+.1%}); size "
-                  f"{g['four_mb']:.2f} MB vs {g['one_mb']:.2f} MB, {growth * 1e3:.1f} kB per extra group (the "
-                  f"activation scales and the adaLN layers' int32 biases; int8 weights are shared); "
-                  f"{g['fused']} of {g['layers']} layers fused in every branch; compile {g['compile_s']:.0f} s.", ""]
+        size, latency = result["size"], result["latency"]
+        reduce = result["reduce_range"]
+        lines += [f"## DiT-{size}/2", ""]
+        if reduce:
+            lines += ["This CPU's u8 x s8 GEMMs saturate full-range int8 weights (no VNNI), so the uint8 "
+                      "`quantize_static` rows use 7-bit weights (`reduce_range=True`, ONNX Runtime's advice for such "
+                      "CPUs), as ditq does by default; the int8-activation rows keep full-range weights.", ""]
+        header = "| artifact | compile s | size MB | " + " | ".join(
+            f"batch {b} ms | speed-up b{b}" for b in batches) + " | rel. L2 error vs FP32 (max) |"
+        lines += [header, "|---|" + "---:|" * (3 + 2 * len(batches))]
+        for name in [FP32, DITQ, *[p for p in PEERS if p in result["errors"]]]:
+            cells = [f"{result['seconds'][name]:.1f}", f"{result['sizes'][name]:.1f}"]
+            for b in batches:
+                cells += [f"{latency[b][name]:.1f}", f"{latency[b][FP32] / latency[b][name]:.2f}x"]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {max(result['errors'][name]):.2%} |")
+        lines += ["", "Error per timestep (t = " + ", ".join(map(str, result["timesteps"])) + "): " + "; ".join(
+            f"{name} " + " / ".join(f"{e:.2%}" for e in values) for name, values in result["errors"].items()
+            if name != FP32) + ".", ""]
+        lines += [f"ditq: {result['layers']} quantized layers, ONNX Runtime kernels {result['kernels']}. Passes: "
+                  f"{result['passes'].get('dedup_subgraphs', '')}; lowering: "
+                  + "; ".join(result["lowering"].values()) + ".", ""]
+        compile_info = result["compiles"][DITQ]
+        peak, fp32 = compile_info["peak_bytes"], result["fp32_bytes"]
+        phases = ", ".join(f"{label} {rss / 1e9:.2f} GB / {seconds:.0f} s"
+                           for label, rss, seconds in compile_info["phases"])
+        lines += [f"Compile (ditq W8A8, a child process): {compile_info['seconds']:.0f} s, peak host memory "
+                  f"{peak / 1e9:.2f} GB = {peak / fp32:.2f}x the FP32 model ({fp32 / 1e9:.2f} GB; goal at most "
+                  f"{MEMORY_GOAL}x). Peak resident memory and time by phase (\"passes\": the fx passes other than "
+                  f"calibration): {phases}.", ""]
+        if GROUPS4 in latency[batches[0]]:
+            b = batches[0]
+            one, four = latency[b][DITQ], latency[b][GROUPS4]
+            growth = (result["sizes"][GROUPS4] - result["sizes"][DITQ]) / 3
+            lines += [f"Timestep groups (W8A8 minmax, `--groups 4 --grouping uniform` vs 1 group, batch {b}): latency "
+                      f"{four:.1f} ms vs {one:.1f} ms ({four / one - 1:+.1%}); size {result['sizes'][GROUPS4]:.2f} MB "
+                      f"vs {result['sizes'][DITQ]:.2f} MB, {growth * 1e3:.1f} kB per extra group; compile "
+                      f"{result['compiles'][GROUPS4]['seconds']:.0f} s.", ""]
+        if 2 in latency:
+            lines += [f"Goals of issue 11 at batch 2 on this CPU:", "", *goal_lines(result, 2), ""]
+        if result["profile"]:
+            lines += [f"### Where the time goes: DiT-{size}/2, batch {args.profile_batch}", "",
+                      f"ONNX Runtime's profiler, kernel times summed by op type, median of {args.profile_runs} runs "
+                      "(the profiler's own overhead included, so the wall time exceeds the latency table's):", "",
+                      *profile_table(result["profile"]), ""]
+            others = result["profile"][DITQ]["others"]
+            lines += ["Largest of the others (ditq W8A8): " + ", ".join(
+                f"{op} {ms:.1f}" for op, ms in list(others.items())[:6]) + " ms.", ""]
     path.write_text("\n".join(lines) + "\n")
+
+
+def compare_profiles(paths: list[Path], args) -> None:
+    """Profile several models on the same inputs, runs interleaved model by model, and print the table."""
+    feeds = latency_feeds(args.profile_batch)
+    with tempfile.TemporaryDirectory(prefix="ditq-profile-") as tmp:
+        rounds = [{str(p): profile_by_op(p, feeds, threads=args.threads, runs=args.profile_runs, work_dir=Path(tmp))
+                   for p in paths} for _ in range(args.profile_rounds)]
+    merged = {}
+    for path in map(str, paths):
+        runs = [r[path] for r in rounds]
+        merged[Path(path).parent.name + "/" + Path(path).name] = {
+            "categories": {c: statistics.median(r["categories"][c] for r in runs) for c in runs[0]["categories"]},
+            "nodes": runs[0]["nodes"], "kernel_total_ms": statistics.median(r["kernel_total_ms"] for r in runs),
+            "wall_ms": statistics.median(r["wall_ms"] for r in runs)}
+    print("\n".join(profile_table(merged)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["S", "B"], choices=sorted(SHAPES))
+    parser.add_argument("--models", nargs="+", default=["S", "B"], choices=list(SHAPES))
+    parser.add_argument("--batches", nargs="+", type=int, default=[2, 8])
     parser.add_argument("--calib-steps", type=int, default=10)
     parser.add_argument("--calib-samples", type=int, default=2)
+    parser.add_argument("--eval-points", type=int, default=4, help="held-out timesteps the error is measured at")
     parser.add_argument("--runs", type=int, default=20, help="interleaved timing rounds")
+    parser.add_argument("--xl-runs", type=int, default=5, help="at most this many rounds for DiT-XL/2")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile-model", default="B", help="the model whose W8A8 artifact is profiled")
+    parser.add_argument("--profile-batch", type=int, default=2)
+    parser.add_argument("--profile-runs", type=int, default=10)
+    parser.add_argument("--profile-rounds", type=int, default=3, help="--compare-profile: interleaved rounds")
+    parser.add_argument("--skip-peers", action="store_true", help="no quantize_static rows (slow on XL)")
+    parser.add_argument("--skip-groups", action="store_true", help="no 4-timestep-group compile")
+    parser.add_argument("--keep", type=Path, help="work in this directory and keep it (checkpoints, artifacts)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
+    parser.add_argument("--compare-profile", nargs="+", type=Path, metavar="MODEL")
+    parser.add_argument("--compile-child", nargs=6, metavar=("CKPT", "OUT", "REPORT", "STEPS", "SAMPLES", "GROUPS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ditq-bench-") as tmp:
-        results = [bench_model(size, Path(tmp), args) for size in args.models]
+    if args.compile_child:
+        checkpoint, output, report, steps, samples, groups = args.compile_child
+        compile_child(checkpoint, output, report, int(steps), int(samples), int(groups))
+        return
+    if args.compare_profile:
+        compare_profiles(args.compare_profile, args)
+        return
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        results = [bench_model(size, args.keep, args) for size in args.models]
+    else:
+        with tempfile.TemporaryDirectory(prefix="ditq-bench-") as tmp:
+            results = [bench_model(size, Path(tmp), args) for size in args.models]
     write_report(results, args, args.out)
     print(args.out.read_text())
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("DITQ_PROGRESS_SECONDS", "60")
     main()

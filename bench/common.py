@@ -1,9 +1,11 @@
 """Helpers shared by the benchmark scripts: machine description, FP32 export, ORT quantize_static
-baselines calibrated on the same trajectories as ditq, and latency measurement."""
+baselines calibrated on the same trajectories as ditq, latency measurement, ONNX Runtime's per-op
+profile aggregated by op type, and the peak memory of a child process."""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import statistics
@@ -59,8 +61,12 @@ def trajectory_batches(model: torch.nn.Module, scheduler_config: dict, *, steps:
     return batches
 
 
-def quantize_static_baseline(fp32_path: Path, out_path: Path, batches: list[dict], *, matmul_only: bool) -> None:
-    """ONNX Runtime's own static quantizer: per-channel QDQ, int8, calibrated on ``batches``."""
+def quantize_static_baseline(fp32_path: Path, out_path: Path, batches: list[dict], *, matmul_only: bool,
+                             activations: str = "int8", reduce_range: bool = False) -> None:
+    """ONNX Runtime's own static quantizer: per-channel QDQ with int8 weights, calibrated (min/max) on
+    ``batches``. ``activations``: ``"int8"`` (QInt8) or ``"uint8"`` (QUInt8, what ONNX Runtime's x86 int8
+    GEMMs take directly); ``reduce_range``: 7-bit weights, ONNX Runtime's advice for CPUs without VNNI, whose
+    u8 x s8 kernels saturate full-range int8 weights."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -70,10 +76,12 @@ def quantize_static_baseline(fp32_path: Path, out_path: Path, batches: list[dict
         def get_next(self):
             return next(self._items, None)
 
+    external = file_size_mb(fp32_path) > 2000  # a model over 2 GB keeps its weights in external data
     quantize_static(
         str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul", "Gemm"] if matmul_only else None,
+        reduce_range=reduce_range, activation_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[activations],
+        weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"] if matmul_only else None,
+        use_external_data_format=external,
     )
 
 
@@ -113,6 +121,11 @@ def run_output(model_path: Path, feeds: dict) -> np.ndarray:
     return _session(str(model_path)).run(["out"], feeds)[0]
 
 
+def close_sessions() -> None:
+    """Release the sessions :func:`run_output` keeps (their weights and arenas)."""
+    _session.cache_clear()
+
+
 def relative_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -123,3 +136,139 @@ def file_size_mb(path: Path) -> float:
     if data.exists():
         total += data.stat().st_size
     return total / 1e6
+
+
+# Op types of ONNX Runtime's optimized CPU graph, grouped the way the profile table reports them.
+PROFILE_CATEGORIES = (
+    ("int8 GEMMs", {"MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul"}),
+    ("float MatMuls (attention in W8A8)", {"MatMul", "FusedMatMul", "Gemm"}),
+    ("FastGelu / Gelu", {"FastGelu", "Gelu", "BiasGelu"}),
+    ("Add", {"Add"}),
+    ("Transpose", {"Transpose"}),
+    ("QuantizeLinear", {"QuantizeLinear", "DynamicQuantizeLinear"}),
+    ("Softmax", {"Softmax"}),
+    ("LayerNormalization", {"LayerNormalization", "SkipLayerNormalization"}),
+    ("Mul", {"Mul"}),
+)
+_CONTAINER_OPS = {"If", "Loop", "Scan"}  # their time is the time of the nodes inside, profiled on their own
+
+
+def profile_by_op(model_path: Path, feeds: dict, *, threads: int = 2, warmup: int = 3, runs: int = 10,
+                  work_dir: Path) -> dict:
+    """ONNX Runtime's profiler over ``runs`` calls (after ``warmup`` unprofiled ones): per category of
+    :data:`PROFILE_CATEGORIES` (and ``others``), the median over runs of the summed kernel time in ms and the
+    node count per run; the median kernel total and wall time of a run (``model_run``)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(work_dir) / "ort_profile")
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    for _ in range(warmup + runs):
+        session.run(None, feeds)
+    path = Path(session.end_profiling())
+    events = json.loads(path.read_text())
+    path.unlink()
+    return aggregate_profile(events, runs)
+
+
+def _category(op_type: str) -> str:
+    for name, ops in PROFILE_CATEGORIES:
+        if op_type in ops:
+            return name
+    return "others"
+
+
+def aggregate_profile(events: list[dict], runs: int) -> dict:
+    """The last ``runs`` runs of an ONNX Runtime profile, aggregated by op category (see
+    :func:`profile_by_op`)."""
+    model_runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[-runs:]
+    names = [name for name, _ in PROFILE_CATEGORIES] + ["others"]
+    per_run = [dict.fromkeys(names, 0.0) for _ in model_runs]
+    counts = [dict.fromkeys(names, 0) for _ in model_runs]
+    others: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        op_type = event["args"].get("op_name", "?")
+        if op_type in _CONTAINER_OPS:
+            continue
+        for index, (start, end) in enumerate(model_runs):
+            if start <= event["ts"] <= end:
+                category = _category(op_type)
+                per_run[index][category] += event["dur"] / 1e3
+                counts[index][category] += 1
+                if category == "others":
+                    others[op_type] = others.get(op_type, 0.0) + event["dur"] / 1e3 / len(model_runs)
+                break
+    median = statistics.median
+    return {
+        "categories": {name: median(run[name] for run in per_run) for name in names},
+        "nodes": counts[0],
+        "kernel_total_ms": median(sum(run.values()) for run in per_run),
+        "wall_ms": median((end - start) / 1e3 for start, end in model_runs),
+        "others": dict(sorted(others.items(), key=lambda item: -item[1])),
+    }
+
+
+def current_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PhaseMemorySampler:
+    """Samples this process's resident memory every ``interval`` seconds in a thread and files the peak under
+    ``label()`` (e.g. ditq's current progress phase), so a compile's peak can be traced to the work that made
+    it. The overall peak of a process is read by its parent with ``os.wait4`` (``ru_maxrss``), not here."""
+
+    def __init__(self, label, interval: float = 0.05):
+        import threading
+
+        self.label, self.interval = label, interval
+        self.peaks: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.order: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last = time.perf_counter()
+        while not self._stop.is_set():
+            label = self.label() or "passes"
+            rss = current_rss_bytes()
+            if label not in self.peaks:
+                self.order.append(label)
+            self.peaks[label] = max(self.peaks.get(label, 0), rss)
+            self._stop.wait(self.interval)
+            now = time.perf_counter()
+            self.seconds[label] = self.seconds.get(label, 0.0) + now - last
+            last = now
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> list[tuple[str, int, float]]:
+        """(label, peak resident bytes, seconds spent) in the order the labels first appeared."""
+        return [(label, self.peaks[label], self.seconds.get(label, 0.0)) for label in self.order]
+
+
+def run_child(args: list[str]) -> tuple[int, float, int]:
+    """Run ``python args...`` and return (exit code, wall seconds, peak resident memory in bytes of that child,
+    from ``os.wait4``'s rusage)."""
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, *args])
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024  # Linux: kilobytes

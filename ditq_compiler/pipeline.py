@@ -26,8 +26,13 @@ from .tracing import INPUT_NAMES, OUTPUT_NAME, example_inputs, trace_dit
 def build_passes(config: CompileConfig) -> list[GraphPass]:
     """The pipeline: decide what to quantize, calibrate, group timesteps, split the graph into one branch
     per group, run the recipe on every branch (smoothing, its folds, parameters), insert Q/DQ."""
+    from .passes.dedup import DeduplicateSubgraphs
+    from .passes.rotation import RotateHadamard
+
     return [
+        DeduplicateSubgraphs(),  # right after tracing: identical subgraphs computed and stored once
         AnnotateLinearQuantization(),
+        *([RotateHadamard()] if config.rotate == "hadamard" else []),
         CollectActivationStats(),
         GroupTimesteps(config.groups, config.grouping),
         SplitTimestepGroups(),
@@ -55,12 +60,17 @@ class CompileResult:
 
 
 def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfig | None = None,
-                 instruments: list[PassInstrument] | None = None) -> CompileResult:
-    """Load, trace and run the passes; returns the quantized fx graph (the torch reference)."""
+                 instruments: list[PassInstrument] | None = None, *, keep_float_model: bool = True) -> CompileResult:
+    """Load, trace and run the passes; returns the quantized fx graph (the torch reference).
+
+    ``keep_float_model=False`` (a compile, where nothing after tracing reads the float model): a checkpoint
+    loaded here is traced without copying its tensors and its model is dropped (``result.checkpoint.model``
+    is None), so the weights are held once, not twice. ``inspect`` keeps it: error analysis runs it."""
     from .progress import phase
 
     config = (config or CompileConfig()).validate()
-    if isinstance(checkpoint, LoadedCheckpoint):
+    owned = not isinstance(checkpoint, LoadedCheckpoint)  # a caller's LoadedCheckpoint is never changed
+    if not owned:
         loaded = checkpoint
     else:
         with phase("loading the checkpoint"):
@@ -68,8 +78,11 @@ def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfi
     config.calibration.validate(int(loaded.scheduler_config.get("num_train_timesteps", 1000)))
     torch.manual_seed(config.calibration.seed)
     check_inputs = example_inputs(loaded.model_config, batch=2, seed=config.calibration.seed)
+    drop_model = owned and not keep_float_model
     with phase("tracing"):
-        gm = trace_dit(loaded.model, check_inputs)
+        gm = trace_dit(loaded.model, check_inputs, own_tensors=not drop_model)
+    if drop_model:
+        loaded.model = None  # the graph holds its tensors now; passes may rewrite them
     ctx = CompileContext(config, loaded.model_config, loaded.scheduler_config, check_inputs)
     manager = PassManager(build_passes(config), instruments or [])
     gm = manager.run(gm, ctx)
@@ -99,6 +112,7 @@ def build_manifest(result: CompileResult, fusion: dict | None, files: list[str])
         "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": ["batch", "out_channels", "height", "width"]}},
         "quantized_layers": result.quantized_layers,
         "quantized_weights": result.layer_weights,
+        "mixed_precision": result.context.mixed_precision or None,
         "layers": {key: record.to_manifest() for key, record in result.layers.items()},
         "files": files,
         "fusion": fusion,
@@ -120,7 +134,7 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
                         dump_dir: str | Path | None = None, force: bool = False) -> tuple[Artifact, CompileResult]:
     """:func:`compile`, also returning the pipeline's result (the torch fake-quant graph the artifact was
     exported from, its context and pass records)."""
-    from .artifact import check_output_dir, write_manifest
+    from .artifact import check_output_dir, group_model_file, write_manifest
     from .exporters import export_onnx, fusion_report, save_onnx
     from .exporters.lowering import lower
     from .progress import phase
@@ -128,20 +142,24 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
     check_output_dir(output_dir, force)  # refuse a user's directory before minutes of work, not after
     start = time.perf_counter()
     instruments = [DumpInstrument(dump_dir)] if dump_dir else []
-    result = run_pipeline(checkpoint, config, instruments)
+    result = run_pipeline(checkpoint, config, instruments, keep_float_model=False)
     with phase("exporting to ONNX"):
         model = export_onnx(result.graph_module, result.context.model_config)
-    with phase("lowering for the CPU provider"):
-        lowered = lower(model, "cpu", result.layers, dump_dir=dump_dir,
+    target = result.context.config.target
+    with phase(f"lowering for the {target} target"):
+        lowered_layers = result.layers  # lowering passes update what a kernel reads (e.g. FP8's folded weight)
+        lowering_context = lowering_context_of(result)
+        lowered = lower(model, target, lowered_layers, context=lowering_context, dump_dir=dump_dir,
                         first_index=len(result.pass_manager.records) + 1)
         model = lowered.model
     with staging_directory(output_dir, force=force) as staging:
         with phase("writing the artifact"):
             files = save_onnx(model, staging / MODEL_FILE)
+            files += save_group_models(lowered.group_models, staging)
         fusion = None
-        if result.context.config.verify_fusion:
+        if result.context.config.verify_fusion and target != "tensorrt":  # TensorRT builds its own kernels
             with phase("checking ONNX Runtime's fusion"):
-                report = fusion_report(staging / MODEL_FILE, result.layer_weights)
+                report = fusion_report(staging / MODEL_FILE, lowered_layers)
             if report.unfused:
                 raise DitqError(
                     f"ONNX Runtime did not fuse {len(report.unfused)} quantized layers into int8 kernels "
@@ -150,34 +168,106 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
             fusion = report.to_manifest()
         with phase("checking ONNX Runtime's numerics against the torch graph"):
             numerics = check_numerics(staging / MODEL_FILE, result)
+            for group in range(len(lowered.group_models)):  # each group's own model on its own inputs
+                check_numerics(staging / group_model_file(group), result, only_group=group)
         compile_log = {"compile_seconds": round(time.perf_counter() - start, 2),
                        "passes": [{"name": r.name, "seconds": round(r.seconds, 3)}
                                   for r in result.pass_manager.records]}
-        lowering = {"target": "cpu", "passes": [{"name": r.name, "modified": r.modified, "summary": r.summary}
-                                                for r in lowered.records]}
+        lowering = {**lowering_manifest(target, lowered, lowering_context),
+                    "passes": [{"name": r.name, "modified": r.modified, "summary": r.summary} for r in lowered.records]}
         compile_log["lowering"] = [{"name": r.name, "seconds": round(r.seconds, 3)} for r in lowered.records]
-        write_manifest(staging, {**build_manifest(result, fusion, files), "lowering": lowering,
-                                 "numerics": numerics.to_manifest()}, compile_log)
+        manifest = build_manifest(result, fusion, files)
+        manifest["layers"] = {key: record.to_manifest() for key, record in lowered_layers.items()}
+        write_manifest(staging, {**manifest, "lowering": lowering, "numerics": numerics_manifest(numerics)},
+                       compile_log)
     return Artifact.load(output_dir), result
 
 
-def check_numerics(model_path: Path, result: CompileResult):
+def lowering_context_of(result: CompileResult):
+    """What lowering may use beyond the model: the model config, the timestep groups, and up to four
+    recorded calibration inputs per group spread over its timesteps (the CUDA target measures float16
+    ranges on them)."""
+    from .exporters.lowering import LoweringContext
+
+    ctx = result.context
+    probe: dict[int, list[tuple]] = {}
+    for group in ctx.timestep_groups:
+        timesteps = sorted(t for t in ctx.calibration_inputs if group.contains(t))
+        picks = sorted({timesteps[round(i * (len(timesteps) - 1) / 3)] for i in range(4)}) if timesteps else []
+        probe[group.index] = [tuple(t.numpy() for t in ctx.calibration_inputs[t]) for t in picks]
+    return LoweringContext(probe_inputs=probe)
+
+
+def lowering_manifest(target: str, lowered, lowering_context) -> dict:
+    """The manifest's ``lowering`` fields (besides the passes): the target, its provider, what happened to
+    activation quantization, the per-group model files, and what the passes decided."""
+    from .artifact import group_model_file
+    from .config import TARGETS
+
+    spec = TARGETS[target]
+    activation = {"as-format": "as the format says (uint8 affine per tensor for integer formats)",
+                  "none": "not applied: the CUDA provider has no integer GEMM for Q/DQ graphs; layers are "
+                          "weight-only MatMulNBits on float16 activations",
+                  "symmetric": "int8 symmetric per tensor (zero point 0), or FP8 E4M3"}[spec.activations]
+    return {"target": target, "provider": spec.provider, "activation_quantization": activation,
+            "group_models": [group_model_file(g) for g in range(len(lowered.group_models))],
+            "notes": lowering_context.notes}
+
+
+def save_group_models(models: list, directory: Path) -> list[str]:
+    """Write one model per timestep group (the TensorRT target) beside model.onnx; returns the files."""
+    from .artifact import group_model_file
+    from .exporters import save_onnx
+
+    files: list[str] = []
+    for group, group_model in enumerate(models):
+        files += save_onnx(group_model, directory / group_model_file(group))
+    return files
+
+
+def check_numerics(model_path: Path, result: CompileResult, only_group: int | None = None):
     """ONNX Runtime against the torch fake-quant graph on recorded calibration inputs, per timestep group;
-    an artifact that disagrees is refused (``ditq_compiler.numerics`` states the tolerance)."""
-    from .numerics import check_against_torch
+    an artifact that disagrees is refused. The tolerance is ``ditq_compiler.numerics``'s (same integer
+    arithmetic); on the CUDA target its floor is raised to the float16 one (``lowering/cuda.py``), which the
+    report keeps as ``float16_floor``. ``only_group``: check a per-group model file on its own group's inputs."""
+    from .exporters.lowering.cuda import FLOAT16_MAX_ERROR_TOLERANCE, FLOAT16_REL_L2_TOLERANCE
+    from .numerics import Agreement, check_against_torch
     from .runtime import create_session
 
     config = result.context.config
-    session = create_session(model_path, "cpu", weight_range=config.weight_range)
-    report = check_against_torch(session, result.graph_module, result.context.check_inputs_by_group())
-    if not report.ok:
-        group, worst = report.worst
+    fp8_qdq = config.target == "tensorrt" and any(r.weight_format.startswith("float8") for r in result.layers.values())
+    session = create_session(model_path, "cpu", weight_range=config.weight_range, fp8_qdq=fp8_qdq)
+    inputs = result.context.check_inputs_by_group(per_group=None)  # the check spreads up to 16 rows per group
+    if only_group is not None:
+        inputs = {only_group: inputs.get(only_group, [])}
+    report = check_against_torch(session, result.graph_module, inputs)
+    floor = Agreement(FLOAT16_REL_L2_TOLERANCE, FLOAT16_MAX_ERROR_TOLERANCE) if config.target == "cuda" else None
+    report.float16_floor = floor
+
+    def tolerance(check) -> Agreement:
+        if floor is None:
+            return check.tolerance
+        return Agreement(max(check.tolerance.rel_l2, floor.rel_l2), max(check.tolerance.max_error, floor.max_error))
+
+    failing = {g: c for g, c in report.per_group.items() if not c.agreement.within(tolerance(c))}
+    if failing:
+        group, worst = max(failing.items(), key=lambda item: item[1].agreement.rel_l2)
         hint = ""
         if config.weight_range == "full":
             hint = "; this CPU's int8 kernels may saturate full-range weights: try --weight-range reduced"
         raise DitqError(f"ONNX Runtime's output differs from the torch fake-quant graph in timestep group {group} "
-                        f"({worst.describe()}); the artifact would not compute what was calibrated{hint}")
+                        f"({worst.agreement.describe()}, against {worst.sensitivity.rel_l2:.1e} from rounding noise "
+                        f"alone); the artifact would not compute what was calibrated{hint}")
     return report
+
+
+def numerics_manifest(report) -> dict:
+    """The report as the manifest keeps it, with the CUDA target's float16 floor when there is one."""
+    record = report.to_manifest()
+    floor = getattr(report, "float16_floor", None)
+    if floor is not None:
+        record["float16_floor"] = {"relative_l2": floor.rel_l2, "max_error": floor.max_error}
+    return record
 
 
 def _jsonable(config) -> dict:

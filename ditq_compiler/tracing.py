@@ -36,8 +36,12 @@ def batch_dynamic_shapes() -> dict:
     return {name: {0: batch} for name in INPUT_NAMES}
 
 
-def trace_dit(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    """Export ``model`` (a ``DiTTransformer2DModel``) with a dynamic batch into a clean GraphModule."""
+def trace_dit(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *, own_tensors: bool = True) -> fx.GraphModule:
+    """Export ``model`` (a ``DiTTransformer2DModel``) with a dynamic batch into a clean GraphModule.
+
+    ``own_tensors=False`` leaves the graph reading the model's own tensors (no copy): only for a caller that
+    drops the model right after tracing, so passes that rewrite tensors can corrupt nothing (a compile: the
+    copy would double the host memory of the weights, 3 GB more for DiT-XL/2)."""
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     dynamic = {"hidden_states": {0: batch}, "timestep": {0: batch}, "class_labels": {0: batch}, "return_dict": None}
     with torch.no_grad():
@@ -61,7 +65,11 @@ def trace_dit(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.Gr
     graph.set_codegen(fx.graph.CodeGen())
     gm = fx.GraphModule(unlifted, graph)
     gm.graph.lint()
-    _own_tensors(gm)
+    if own_tensors:
+        _own_tensors(gm)
+    else:  # as the copies would be: constants, so arithmetic on them outside no_grad builds no autograd graph
+        for parameter in gm.parameters():
+            parameter.requires_grad_(False)
     return gm
 
 
