@@ -62,6 +62,9 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
                              "(keep in float), e.g. 'transformer_blocks.0.*=fp' or '*.ff.net.2=int8'. Repeatable; "
                              "applied after the default set (every block linear and adaLN modulation at the "
                              "format's precision), later rules win. A pattern that matches nothing is an error.")
+    parser.add_argument("--quantize-attention", action=argparse.BooleanOptionalAction, default=None,
+                        help="quantize q, k, v and the softmax output to uint8 so ONNX Runtime runs QK^T and PV on "
+                             "its integer kernels (default: on for --target cpu)")
     parser.add_argument("--rotate", default="none", metavar="ROTATION",
                         help="; ".join(f"{n}: {d}" for n, d in ROTATIONS.items()) + " (default none)")
     parser.add_argument("--keep-sensitive", type=int, default=0, metavar="K",
@@ -103,6 +106,7 @@ def _config_from(args) -> CompileConfig:
         alpha=args.alpha, unfoldable=args.unfoldable, smooth_scales=args.smooth_scales,
         weight_range=args.weight_range, weight_clip=args.weight_clip,
         keep_sensitive=args.keep_sensitive, budget_mb=args.budget_mb, rotate=args.rotate,
+        quantize_attention=args.quantize_attention,
         verify_fusion=not args.no_verify, target=args.target,
     ).validate()
 

@@ -221,6 +221,8 @@ class CompileConfig:
     weight_clip: str | None = None
     # Hadamard rotation of the quantized inputs (passes/rotation.py): none | hadamard.
     rotate: str = "none"
+    # Integer attention (q, k, v and the softmax output in uint8): None = on where the target runs it (cpu).
+    quantize_attention: bool | None = None
     # Mixed precision: move the K most sensitive inputs' layers up a precision, or as many as fit the budget.
     keep_sensitive: int = 0
     budget_mb: float | None = None
@@ -259,6 +261,7 @@ class CompileConfig:
                               f"{', '.join(SCALE_SHARING)}")
         if self.weight_range not in WEIGHT_RANGES:
             raise ConfigError(f"unknown --weight-range {self.weight_range!r}; choose one of {', '.join(WEIGHT_RANGES)}")
+        self.attention_spec  # noqa: B018  (refuses --quantize-attention on a target that cannot run it)
         if self.rotate not in ROTATIONS:
             raise ConfigError(f"unknown --rotate {self.rotate!r}; choose one of {', '.join(ROTATIONS)}")
         if not isinstance(self.keep_sensitive, int) or self.keep_sensitive < 0:
@@ -321,6 +324,19 @@ class CompileConfig:
             return QuantizerSpec.integer("int8", spec.granularity, spec.symmetric, bits=7)
         return spec
 
+    @property
+    def attention_spec(self) -> QuantizerSpec | None:
+        """q, k, v and the softmax output in uint8 affine per tensor: ONNX Runtime's CPU provider runs
+        QK^T and PV on its integer kernels (uint8 x uint8, which cannot saturate). Off on the GPU targets,
+        where ditq lowers attention to the providers' fused float attention."""
+        wanted = self.quantize_attention if self.quantize_attention is not None else self.target == "cpu"
+        if not wanted:
+            return None
+        if self.target != "cpu":
+            raise ConfigError("--quantize-attention runs on the cpu target only (the GPU targets fuse attention "
+                              "in float); drop it or use --target cpu")
+        return QuantizerSpec.integer("uint8", "tensor", False)
+
     def activation_spec_for(self, precision: str) -> QuantizerSpec | None:
         """The format's activation quantizer as the target takes it (see :class:`TargetSpec`)."""
         return self.target_spec.activation_for(FORMATS[PRECISIONS[precision]].activation)
@@ -360,6 +376,7 @@ class CompileConfig:
             "weight_range": self.weight_range,
             "weight_clip": self.effective_weight_clip,
             "rotate": self.rotate,
+            "quantize_attention": self.attention_spec is not None,
             "mixed_precision": {"keep_sensitive": self.keep_sensitive, "budget_mb": self.budget_mb},
             "layer_rules": [{"pattern": r.pattern, "precision": r.precision} for r in self.layer_rules],
             "grouping": {"groups": self.groups, "method": self.grouping},

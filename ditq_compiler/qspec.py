@@ -29,6 +29,8 @@ PROVENANCE_KEY = "ditq.provenance"
 SMOOTHING_KEY = "ditq.input_smoothing"
 LAYER_KEY = "ditq.layer_key"
 ROTATION_KEY = "ditq.input_rotation"  # Hadamard block size a layer's input was rotated with
+ATTENTION_KEY = "ditq.attention_spec"
+ATTENTION_PARAMS_KEY = "ditq.attention_params"
 
 # Integer grids: (qmin, qmax) and the torch dtype that stores them (the zero point's dtype, as in ONNX).
 _INTEGER_DTYPES = {
@@ -136,6 +138,31 @@ class LinearQuantSpec:
 
 
 @dataclass(frozen=True)
+class AttentionQuantSpec:
+    """Integer attention for one ``scaled_dot_product_attention`` call: q, k and v quantized per tensor
+    before ``QK^T`` and ``PV``, the softmax output too (PTQ4DiT's attention quantization).
+
+    ``v_key`` is observed at the value projection's output (``[B, T, heads * head_dim]``): a smoothing fold
+    into V transforms its statistics exactly, channel by channel. ``scale`` is the softmax scale
+    (``1/sqrt(head_dim)`` unless the call gives one); it is folded into q's dequantize scale."""
+
+    layer: str
+    q_key: str
+    k_key: str
+    v_key: str
+    activation: QuantizerSpec
+    scale: float
+
+
+@dataclass(frozen=True)
+class AttentionQuantParams:
+    q: "ActivationParams"
+    k: "ActivationParams"
+    v: "ActivationParams"
+    probs: "ActivationParams"  # softmax output in [0, 1]: scale 1/255, zero point 0
+
+
+@dataclass(frozen=True)
 class ActivationParams:
     """One quantizer of an input tensor (in its timestep group's branch).
 
@@ -231,6 +258,22 @@ def quantize_bias_int32(bias: torch.Tensor, input_scale: float, weight_scale: to
     if bool((quantized.abs() > INT32_MAX).any()):
         raise ValueError("int32 bias overflow: raise the weight scale with bias_fitting_weight_scale first")
     return quantized.to(torch.int32)
+
+
+def attention_tensors(gm) -> dict[str, tuple[object, str]]:
+    """key -> (the node producing the tensor, the attention layer) for every annotated attention call."""
+    tensors = {}
+    for node in gm.graph.nodes:
+        spec = node.meta.get(ATTENTION_KEY)
+        if spec is None:
+            continue
+        value = node.args[2]
+        while value.op == "call_function" and value.target is not torch.ops.aten.linear.default:
+            value = value.args[0]  # transpose(view(linear_v)) -> linear_v
+        tensors[spec.q_key] = (node.args[0], spec.layer)
+        tensors[spec.k_key] = (node.args[1], spec.layer)
+        tensors[spec.v_key] = (value, spec.layer)
+    return tensors
 
 
 def layer_specs(gm) -> list[LinearQuantSpec]:

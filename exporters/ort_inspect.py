@@ -122,3 +122,37 @@ def fusion_report(model_path: str | Path, layer_weights: dict, provider: str = "
         report.layer_ops[layer] = unfused[0] if unfused else ops[0] if ops else "missing"
         report.readers[layer] = len(ops)
     return report
+
+
+# QLinearMatMul when the product's output feeds the next quantizer directly (ORT requantizes in the kernel).
+INTEGER_ATTENTION_OPS = frozenset({"MatMulIntegerToFloat", "QLinearMatMul"})
+
+
+def attention_kernels(model_path: str | Path, layers: list[str], provider: str = "CPUExecutionProvider",
+                      optimized: onnx.ModelProto | None = None) -> dict[str, dict[str, str]]:
+    """For each integer-attention layer, what ONNX Runtime runs ``QK^T`` and ``PV`` as. Found by the scale
+    initializers Q/DQ insertion named (``<layer>.q_dequantize_scale``, q's scale as ``QK^T``'s A; ``<layer>.v_scale``,
+    ``PV``'s B; per group ``__group<g>``; the exporter renames nodes but keeps initializer names, and these
+    values are distinct per layer, unlike the softmax output's 1/255 that ONNX Runtime's constant sharing
+    merges): a fused product is an integer kernel reading that scale; a ``DequantizeLinear`` still reading it
+    means the product runs in float. The first kernel that is not integer is reported."""
+    optimized = optimized or optimized_model(model_path, provider)
+    readers: dict[str, list[str]] = {}
+    for node in _all_nodes(optimized.graph):
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    report = {}
+    for layer in layers:
+        kernels = {}
+        for product, scale in (("qk", "q_dequantize_scale"), ("pv", "v_scale")):
+            base = f"{layer}.{scale}"
+            names = [name for name in readers if name == base or name.startswith(f"{base}__group")]
+            ops = []
+            for name in names:
+                found = set(readers[name])
+                integer = found & INTEGER_ATTENTION_OPS
+                ops.append("float (DequantizeLinear)" if "DequantizeLinear" in found else
+                           sorted(integer)[0] if integer else "/".join(sorted(found)))
+            kernels[product] = next((op for op in ops if op not in INTEGER_ATTENTION_OPS), ops[0] if ops else "missing")
+        report[layer] = kernels
+    return report

@@ -61,9 +61,48 @@ class AnnotateLinearQuantization(GraphPass):
             details.append(f"quantize  {site.layer}  {precision}, role {spec.role}, input {input_key}, weight "
                            f"{spec.weight.describe()}, input "
                            f"{spec.activation.describe() if spec.activation else 'float (weight-only)'}, bias {spec.bias}")
+        attention = annotate_attention(gm, ctx, details) if config.attention_spec is not None else 0
         summary = (f"annotated {annotated} of {len(sites)} linear calls for {config.format} "
-                   f"({len(set(input_keys.values()))} distinct input tensors to quantize)")
+                   f"({len(set(input_keys.values()))} distinct input tensors to quantize)"
+                   + (f" and {attention} attention calls (q, k, v, softmax output in uint8)" if attention else ""))
         return PassResult(gm, modified=annotated > 0, summary=summary, details=details)
+
+
+def annotate_attention(gm, ctx, details: list[str]) -> int:
+    """Write an :class:`AttentionQuantSpec` on every ``scaled_dot_product_attention`` call that can be
+    decomposed exactly (no mask, no dropout, not causal) and whose V comes from a linear through the heads
+    reshape; say why for the others."""
+    import math
+
+    import torch
+
+    from ..qspec import ATTENTION_KEY, AttentionQuantSpec
+    from ..tracing import module_name
+    from .rewrite import is_call
+
+    aten = torch.ops.aten
+    count = 0
+    for node in gm.graph.nodes:
+        if not is_call(node, aten.scaled_dot_product_attention.default):
+            continue
+        layer = module_name(node) or node.name
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+        value = node.args[2]
+        chain_ok = is_call(value, aten.transpose.int) and is_call(value.args[0], aten.view.default, aten.reshape.default) \
+            and is_call(value.args[0].args[0], aten.linear.default)
+        reason = ("it has a mask" if mask is not None else "it has dropout" if dropout else "it is causal" if causal
+                  else None if chain_ok else "V does not come from a linear through the heads reshape")
+        if reason:
+            details.append(f"keep fp   {layer} attention ({reason})")
+            continue
+        scale = node.kwargs.get("scale") or 1.0 / math.sqrt(node.args[0].meta["val"].shape[-1])
+        node.meta[ATTENTION_KEY] = AttentionQuantSpec(layer, f"{layer}:q", f"{layer}:k", f"{layer}:v",
+                                                      ctx.config.attention_spec, float(scale))
+        details.append(f"quantize  {layer} attention: q, k, v per tensor and the softmax output, uint8")
+        count += 1
+    return count
 
 
 def _why_fp(module: str, ctx) -> str:

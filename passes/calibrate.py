@@ -15,19 +15,22 @@ from ..calibration import ActivationObserver, ActivationStats, TensorStats
 from ..errors import PassPreconditionError
 from ..pass_manager import GraphPass, PassResult
 from ..progress import track
-from ..qspec import SPEC_KEY
+from ..qspec import SPEC_KEY, attention_tensors
 from ..sampling import iterate_sampling
 
 _OBSERVER_PREFIX = "ditq_observer_"
 
 
 def annotated_inputs(gm) -> dict[str, list[str]]:
-    """input key -> layers that read that tensor, for every annotated linear."""
+    """key -> the layers that read that tensor, for every annotated linear's input and every tensor of an
+    annotated attention call (q, k, and v at the value projection's output)."""
     readers: dict[str, list[str]] = {}
     for node in gm.graph.nodes:
         spec = node.meta.get(SPEC_KEY)
         if spec is not None:
             readers.setdefault(spec.input_key, []).append(spec.layer)
+    for key, (_, layer) in attention_tensors(gm).items():
+        readers.setdefault(key, []).append(f"{layer} (attention)")
     return readers
 
 
@@ -48,6 +51,11 @@ def input_producers(gm) -> dict[str, torch.fx.Node]:
     return producers
 
 
+def observed_tensors(gm) -> dict[str, torch.fx.Node]:
+    """Every tensor calibration observes: the linears' inputs and the attention tensors."""
+    return {**input_producers(gm), **{key: node for key, (node, _) in attention_tensors(gm).items()}}
+
+
 def calibration_labels(num_classes: int, samples: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed + 1)
     return torch.randint(0, num_classes, (samples,), generator=generator).tolist()
@@ -63,7 +71,7 @@ class CollectActivationStats(GraphPass):
 
     def run(self, gm, ctx):
         readers = annotated_inputs(gm)
-        producers = input_producers(gm)
+        producers = observed_tensors(gm)
         timestep = next(node for node in gm.graph.nodes if node.op == "placeholder" and node.target == "timestep")
         stats = ActivationStats()
         observers = []

@@ -22,8 +22,10 @@ Buffers follow a naming contract (as ONNX Runtime's quantizer names its tensors)
 float and quantized tensors of a layer: ``<layer>.weight_quantized``, ``.weight_scale``,
 ``.weight_zero_point``, ``.bias_quantized``, ``.bias_scale``, ``.bias_zero_point``, ``.input_scale``,
 ``.input_zero_point``, where ``<layer>`` is the layer key (``<module>#k`` for a module's k-th extra call,
-which gets its own container module so that no call overwrites another's tensors). The name of each
-layer's weight tensor is recorded in its provenance, so later stages never derive it.
+which gets its own container module so that no call overwrites another's tensors). These are the ONNX
+initializer names too (the exporter keeps tensor names; it renames nodes, so the fx node names given to the
+Q/DQ calls below hold in the fx dumps only). The name of each layer's weight tensor is recorded in its
+provenance, so later stages never derive it.
 """
 
 from __future__ import annotations

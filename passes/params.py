@@ -40,7 +40,8 @@ from ..errors import PassPreconditionError
 from ..grids import FLOAT8_E4M3_MAX, GRIDS, round_to_grid
 from ..grouped import TensorMemo, get_tensor
 from ..pass_manager import BranchPass, BranchResult
-from ..qspec import (PARAMS_KEY, SPEC_KEY, ActivationParams, LinearQuantParams, QuantizerSpec,
+from ..qspec import (ATTENTION_KEY, ATTENTION_PARAMS_KEY, PARAMS_KEY, SPEC_KEY, ActivationParams,
+                     AttentionQuantParams, LinearQuantParams, QuantizerSpec,
                      bias_fitting_weight_scale, grid_max, quantize_params_from_range)
 from ..quantizers import activation_qdq, fake_quantize_weight, weight_dequantize_scale
 
@@ -179,6 +180,20 @@ class ChooseQuantParams(BranchPass):
                 + (f", grid {act.grid}" if act.grid else "")
             details.append(f"{spec.layer}: {input_text}; weight scales {note} "
                            f"(median {float(weight_scale.median()):.3g})" + "".join(f"; {n}" for n in notes))
+        for node in gm.graph.nodes:  # attention: q, k, v from their ranges, the softmax output on [0, 1]
+            spec = node.meta.get(ATTENTION_KEY)
+            if spec is None or (self.only_missing and ATTENTION_PARAMS_KEY in node.meta):
+                continue
+            ranged = {}
+            for name, key in (("q", spec.q_key), ("k", spec.k_key), ("v", spec.v_key)):
+                lo, hi = branch.stats.get(key).range_over()
+                ranged[name] = quantize_params_from_range(float(lo.min()), float(hi.max()), spec.activation)
+            probs = ActivationParams(1.0 / 255.0, 0, 0.0, 1.0)
+            node.meta[ATTENTION_PARAMS_KEY] = AttentionQuantParams(ranged["q"], ranged["k"], ranged["v"], probs)
+            counts["attention calls"] += 1
+            details.append(f"{spec.layer} attention: " + ", ".join(
+                f"{name} range [{p.low:.4g}, {p.high:.4g}] -> scale {p.scale:.4g}" for name, p in ranged.items())
+                + "; softmax output scale 1/255")
         counts["tensors"] = len(activation)
         for params in activation.values():
             if params.grid:
@@ -205,6 +220,8 @@ class ChooseQuantParams(BranchPass):
         grids = [f"{n} {key}" for key, n in sorted(counts.items()) if key.startswith(("weights on", "activations on"))]
         if grids:
             text += "; " + ", ".join(grids)
+        if counts.get("attention calls"):
+            text += f"; {counts['attention calls']} attention calls (q, k, v, softmax output)"
         if counts.get("bias-fitted rows"):
             text += f"; raised {counts['bias-fitted rows']} weight rows so their int32 bias fits"
         return text

@@ -51,7 +51,7 @@ from torch import fx
 from ..errors import PassPreconditionError
 from ..grouped import TensorMemo, get_tensor, set_tensor
 from ..pass_manager import BranchPass, BranchResult
-from ..qspec import SMOOTHING_KEY, SPEC_KEY, InputSmoothing
+from ..qspec import ATTENTION_KEY, SMOOTHING_KEY, SPEC_KEY, InputSmoothing
 from .calibrate import input_producers
 from .rewrite import RewriteRule, apply_first, get_attr_readers, is_call, real_users, skip_identities
 
@@ -307,6 +307,9 @@ class AttentionValueFold(RewriteRule):
             update_tensor(site, match.value_linear.args[2].target, "value:b", (s, z),
                           lambda b: (b - (z if z is not None else 0)) / s)
         fold_into_readers(site, self.name)
+        attention = match.chain[-3].meta.get(ATTENTION_KEY)
+        if attention is not None and site.branch is not None:  # V itself is quantized: its statistics follow
+            site.branch.stats.get(attention.v_key).transform(s, z)
 
 
 class ExplicitSmoothing(RewriteRule):

@@ -1,0 +1,104 @@
+"""Integer attention: q, k, v and the softmax output quantized so ONNX Runtime runs QK^T and PV on its integer
+kernels, per timestep group, composing with the smoothing folds."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_CONFIG
+from ditq_compiler import CalibrationConfig, CompileConfig
+from ditq_compiler.errors import ConfigError
+from ditq_compiler.exporters.ort_inspect import INTEGER_ATTENTION_OPS, attention_kernels
+from ditq_compiler.numerics import agreement
+from ditq_compiler.qspec import ATTENTION_KEY
+from ditq_compiler.tracing import example_inputs
+
+CALIB = CalibrationConfig(steps=6, samples=2)
+LAYERS = [f"transformer_blocks.{i}.attn1" for i in range(TINY_CONFIG["num_layers"])]
+
+
+@pytest.fixture(scope="module")
+def attention_artifacts(tmp_path_factory):
+    from test_smoothing import modulated_dit
+
+    from ditq_compiler.pipeline import compile_with_result
+
+    path = tmp_path_factory.mktemp("attention_dit")
+    modulated_dit().save_pretrained(path, safe_serialization=True)
+    built = {}
+    for name, kwargs in (("plain", {}), ("smoothquant-3", dict(recipe="smoothquant", groups=3, grouping="uniform")),
+                         ("off", dict(quantize_attention=False))):
+        built[name] = compile_with_result(path, tmp_path_factory.mktemp(name) / "art", CompileConfig(
+            calibration=CALIB, **kwargs))
+    return built
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["plain", "smoothquant-3"])
+def test_both_products_run_on_integer_kernels_in_every_branch(attention_artifacts, name):
+    artifact, result = attention_artifacts[name]
+    kernels = attention_kernels(artifact.model_path, LAYERS)
+    assert all(set(k.values()) <= INTEGER_ATTENTION_OPS for k in kernels.values()), kernels
+    assert artifact.manifest["fusion"]["attention"]["layers"] == len(LAYERS)
+    assert artifact.manifest["quantize_attention"] is True
+    x, _, y = example_inputs(TINY_CONFIG, batch=3, seed=7)
+    for group, branch in zip(result.context.timestep_groups, result.graph_module.graph_modules()):
+        t = torch.tensor([group.start, (group.start + group.end) // 2, group.end])
+        with torch.no_grad():
+            expected = branch(x, t, y).numpy()
+        got = artifact.session("cpu").run(["out"], {"sample": x.numpy(), "timestep": t.numpy(),
+                                                    "class_labels": y.numpy()})[0]
+        assert agreement(got, expected).ok, (name, group)
+        # every graph op that remains float in the attention core: the softmax (QLinearSoftmax is slower)
+        assert not any(node.target is torch.ops.aten.scaled_dot_product_attention.default
+                       for node in branch.graph.nodes)
+
+
+@pytest.mark.slow
+def test_attention_quantization_can_be_turned_off(attention_artifacts):
+    artifact, result = attention_artifacts["off"]
+    assert artifact.manifest["quantize_attention"] is False and "attention" not in artifact.manifest["fusion"]
+    gm = result.graph_module.graph_modules()[0]
+    assert sum(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in gm.graph.nodes) == len(LAYERS)
+
+
+def test_decomposed_attention_is_the_attention():
+    """Q/DQ insertion's decomposition, with the quantizers made the identity (scales so fine no value
+    moves), computes what scaled_dot_product_attention computes."""
+    from ditq_compiler.passes.attention import InsertAttentionQDQ  # noqa: F401  (the decomposition's module)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8) for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    c = 1 / 8 ** 0.5
+    ours = torch.softmax((q * c) @ k.transpose(-2, -1), dim=-1) @ v
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_v_statistics_follow_the_fold_into_v():
+    """The fold into V changes V; its recorded ranges follow exactly (observed anew, they agree)."""
+    from test_smoothing import _random_plan, _split, modulated_dit
+
+    from ditq_compiler.context import CompileContext
+    from ditq_compiler.passes import CollectActivationStats, FoldSmoothing
+
+    module, ctx = _split(modulated_dit(), groups=1)
+    gm = module.graph_modules()[0]
+    assert sum(ATTENTION_KEY in n.meta for n in gm.graph.nodes) == len(LAYERS)
+    ctx.smoothing_plan = _random_plan(module, ctx, ("attn_out",), with_shift=True)
+    FoldSmoothing("skip").run(module, ctx)
+    observed = CompileContext(ctx.config, ctx.model_config, ctx.scheduler_config, ctx.check_inputs)
+    CollectActivationStats().run(gm, observed)
+    for layer in LAYERS:
+        derived, seen = ctx.branches[0].stats.get(f"{layer}:v"), observed.stats.get(f"{layer}:v")
+        for t in derived.timesteps:
+            scale = float(seen.per_timestep[t].channel_max.abs().max())
+            assert np.allclose(derived.per_timestep[t].channel_min, seen.per_timestep[t].channel_min, atol=1e-5 * scale)
+            assert np.allclose(derived.per_timestep[t].channel_max, seen.per_timestep[t].channel_max, atol=1e-5 * scale)
+
+
+def test_gpu_targets_refuse_attention_quantization():
+    with pytest.raises(ConfigError, match="--quantize-attention runs on the cpu target only"):
+        CompileConfig(target="cuda", quantize_attention=True).attention_spec
+    assert CompileConfig(target="cuda").attention_spec is None
+    assert CompileConfig().attention_spec is not None
