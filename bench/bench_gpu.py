@@ -275,8 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="ditq-bench-gpu-") as tmp:
         work = args.work or Path(tmp)
-        random_xl().save_pretrained(work / "dit-xl", safe_serialization=True)
-        results = {}
+        work.mkdir(parents=True, exist_ok=True)
+        if not (work / "dit-xl" / "config.json").is_file():
+            random_xl().save_pretrained(work / "dit-xl", safe_serialization=True)
+        # With --work, results persist there, so a run split over several invocations writes one table.
+        saved = work / "results.json"
+        results = {(r["row"], r["batch"]): r["result"] for r in json.loads(saved.read_text())} \
+            if args.work and saved.is_file() else {}
         for batch in args.batches:
             for label in args.rows:
                 command = [sys.executable, __file__, "--row", label, "--batch", str(batch), "--work", str(work),
@@ -288,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
                     results[(label, batch)] = {"error": f"failed: {tail[:80]}"}
                 print(f"B={batch} {label}: {results[(label, batch)]}", flush=True)
-        write_section(gpu, results, args.batches)
+                saved.write_text(json.dumps([{"row": r, "batch": b, "result": v} for (r, b), v in results.items()]))
+        write_section(gpu, results, sorted({b for _, b in results}))
     print(f"wrote the GPU section of {DOCS.relative_to(ROOT)}")
     return 0
 
