@@ -31,6 +31,7 @@ class LayerQuantization:
     smoothing: InputSmoothing | None
     rotation_block: int | None = None  # the input is Hadamard-rotated first (passes/rotation.py)
     grid: tuple[torch.Tensor, str] | None = None  # fp4: (grid scale, grid) the input is rounded onto first
+    dynamic_block: int | None = None  # --act dynamic: quantized at run time (0: per tensor, B: per token block)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotation_block:
@@ -41,7 +42,9 @@ class LayerQuantization:
             x = self.smoothing.apply(x)
         if self.grid is not None:
             x = torch.ops.ditq.round_to_grid(x, *self.grid)
-        if self.input_scale is not None:
+        if self.dynamic_block is not None:
+            x = torch.ops.ditq.dynamic_quantize(x, self.dynamic_block)
+        elif self.input_scale is not None:
             x = dequantize(quantize(x, self.input_scale, self.input_zero_point, 0), self.input_scale,
                            self.input_zero_point, 0)
         y = x @ self.weight
@@ -52,7 +55,7 @@ def _value(gm, node) -> torch.Tensor:
     """A get_attr node's tensor, or a dequantize of get_attr nodes (the int32 bias)."""
     if node.op == "get_attr":
         return get_tensor(gm, node.target)
-    return dequantize(*[_value(gm, arg) for arg in node.args[:3]], node.args[3])
+    return node.target(*[_value(gm, arg) for arg in node.args[:3]], *node.args[3:])  # dequantize(_block)
 
 
 def quantized_layers(gm) -> dict[str, LayerQuantization]:
@@ -74,8 +77,9 @@ def quantized_layers(gm) -> dict[str, LayerQuantization]:
             rounded = x_dq.args[0].args[0]  # DQ <- Q <- round_to_grid, for fp4 inputs
             if rounded.meta.get(PROVENANCE_KEY, {}).get("role") == "input_round":
                 grid = (get_tensor(gm, rounded.args[1].target), rounded.args[2])
+        dynamic = x_dq.args[1] if x_dq.meta.get(PROVENANCE_KEY, {}).get("role") == "input_dynamic" else None
         layers[provenance["layer"]] = LayerQuantization(scale, zero, weight, bias, node.meta.get(SMOOTHING_KEY),
-                                                        node.meta.get(ROTATION_KEY), grid)
+                                                        node.meta.get(ROTATION_KEY), grid, dynamic)
     return layers
 
 

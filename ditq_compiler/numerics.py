@@ -99,14 +99,15 @@ class NumericsReport:
 
 
 class _PerturbedQuantizers(torch.fx.Interpreter):
-    """Runs a branch with the input of every quantize op perturbed by ``PERTURBATION`` relative noise."""
+    """Runs a branch with the input of every quantize op (calibrated or dynamic) perturbed by ``PERTURBATION``
+    relative noise."""
 
     def __init__(self, gm, seed: int):
         super().__init__(gm)
         self.generator = torch.Generator().manual_seed(seed)
 
     def call_function(self, target, args, kwargs):
-        if target is torch.ops.ditq.quantize.default:
+        if target in (torch.ops.ditq.quantize.default, torch.ops.ditq.dynamic_quantize.default):
             x = args[0]
             noise = torch.randn(x.shape, generator=self.generator, dtype=torch.float32)
             args = (x * (1 + PERTURBATION * noise), *args[1:])

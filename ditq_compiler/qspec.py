@@ -45,10 +45,12 @@ _INTEGER_DTYPES = {
 class QuantizerSpec:
     """How one tensor is quantized.
 
-    ``granularity``: ``tensor`` (one scale), ``channel`` (one per output channel), ``block`` (one per
-    ``block_size`` inputs of each output channel) or ``token`` (dynamic, one per row at run time).
-    ``qmin``/``qmax`` may be narrower than the dtype (``reduce_range``: 7-bit weights that cannot
-    saturate the u8 x s8 kernels of CPUs without VNNI).
+    ``granularity``: ``tensor`` (one scale), ``channel`` (one per output channel) or ``block`` (one per
+    ``block_size`` inputs of each output channel; for an activation, one per ``block_size`` inputs of each
+    token). ``qmin``/``qmax`` may be narrower than the dtype (``reduce_range``: 7-bit weights that cannot
+    saturate the u8 x s8 kernels of CPUs without VNNI). ``dynamic``: an activation whose scale (and zero
+    point) the kernel computes at run time from the tensor itself; nothing is calibrated for it
+    (``quantizers.dynamic_fake_quantize`` gives the numerics).
     """
 
     dtype: str  # int8 | uint8 | int4 | int32 | float8e4m3fn | fp4
@@ -59,6 +61,7 @@ class QuantizerSpec:
     block_size: int | None = None
     # fp4: the 4-bit grids a layer may choose from (ditq_compiler/grids.py), in order of preference
     grids: tuple[str, ...] = ()
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype in _INTEGER_DTYPES:
@@ -71,6 +74,19 @@ class QuantizerSpec:
             raise ValueError("block_size is given exactly for block granularity")
         if (self.dtype == "fp4") != bool(self.grids):
             raise ValueError("grids are given exactly for fp4")
+        if self.dynamic and (self.dtype, self.granularity, self.symmetric) not in (
+                ("uint8", "tensor", False), ("int8", "block", True)):
+            raise ValueError("dynamic quantizers are uint8 affine per tensor (DynamicQuantizeMatMul) or int8 "
+                             "symmetric per block of each token (MatMulNBits, accuracy level 4)")
+
+    @classmethod
+    def dynamic_activation(cls, block_size: int | None = None) -> "QuantizerSpec":
+        """A run-time activation quantizer: uint8 affine over the whole tensor (ONNX ``DynamicQuantizeLinear``,
+        what ``DynamicQuantizeMatMul`` does), or with ``block_size`` int8 symmetric per ``block_size`` inputs
+        of each token (what ``MatMulNBits`` does at accuracy level 4)."""
+        if block_size is None:
+            return cls("uint8", "tensor", False, 0, 255, dynamic=True)
+        return cls("int8", "block", True, -127, 127, block_size, dynamic=True)
 
     @classmethod
     def float8(cls, granularity: str) -> "QuantizerSpec":
@@ -119,7 +135,8 @@ class QuantizerSpec:
         full = _INTEGER_DTYPES.get(self.dtype)
         narrowed = "" if full is None or (self.qmin, self.qmax) in ((full[0], full[1]), (-full[1], full[1])) else \
             f" [{self.qmin}, {self.qmax}]"
-        return f"{self.dtype}{narrowed} per {self.granularity}{extra}, {'symmetric' if self.symmetric else 'affine'}"
+        return (f"{self.dtype}{narrowed} per {self.granularity}{extra}, {'symmetric' if self.symmetric else 'affine'}"
+                + (", dynamic" if self.dynamic else ""))
 
 
 @dataclass(frozen=True)
@@ -181,7 +198,7 @@ class LinearQuantParams:
     """Parameters of one layer in one branch. ``activation`` is shared by every reader of the tensor."""
 
     activation: ActivationParams | None  # None for weight-only layers
-    weight_scale: torch.Tensor  # [out_features] float32 (per channel)
+    weight_scale: torch.Tensor  # [out_features] float32 (per channel), [out_features, blocks] (per block)
     recipe: str
     weight_method: str = "absmax"
     notes: list[str] = field(default_factory=list)
@@ -292,7 +309,8 @@ def layer_records(gm) -> dict:
     """Layer key -> :class:`LayerRecord` (what ONNX lowering needs), from insertion's provenance."""
     from .exporters.lowering import LayerRecord
 
-    return {p["layer"]: LayerRecord(p["weight"], p["weight_format"], p["bias"], p["module_role"])
+    return {p["layer"]: LayerRecord(p["weight"], p["weight_format"], p["bias"], p["module_role"],
+                                    p.get("activation", "static"))
             for p in (node.meta.get(PROVENANCE_KEY, {}) for node in gm.graph.nodes) if p.get("role") == "matmul"}
 
 

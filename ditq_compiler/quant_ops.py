@@ -7,7 +7,8 @@ become named initializers in ONNX and the quantized integer dtype is the zero po
 in ONNX.
 
 Rounding is round-half-to-even in both (``torch.round`` and ONNX QuantizeLinear), saturation to the
-integer dtype's range. A float8 (E4M3) zero point quantizes to FP8: ``saturate(x / scale + zp)`` rounded
+integer dtype's range. ``dequantize_block`` is DequantizeLinear with ``block_size`` (block-wise int4 weights);
+``dynamic_quantize`` quantizes with run-time parameters (``--act dynamic``). A float8 (E4M3) zero point quantizes to FP8: ``saturate(x / scale + zp)`` rounded
 to nearest even by the cast, as ONNX QuantizeLinear with ``saturate=1`` (checked bit for bit, ties and
 subnormals included).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op
 
+DITQ_DOMAIN = "ai.ditq"  # markers that only exist between export and lowering
 _INT_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-(2**31), 2**31 - 1)}
 
 
@@ -69,6 +71,39 @@ def _dequantize_fake(x, scale, zero_point, axis):
     return torch.empty_like(x, dtype=torch.float32)
 
 
+@custom_op("ditq::dequantize_block", mutates_args=())
+def dequantize_block(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int,
+                     block_size: int) -> torch.Tensor:
+    """ONNX DequantizeLinear with ``block_size``: ``scale``/``zero_point`` have ``x``'s shape except
+    ``ceil(x.shape[axis] / block_size)`` along ``axis``; element ``i`` along ``axis`` uses entry ``i // block_size``
+    (the last block may be partial)."""
+    length = x.shape[axis]
+    scale = scale.repeat_interleave(block_size, dim=axis).narrow(axis, 0, length)
+    zero_point = zero_point.repeat_interleave(block_size, dim=axis).narrow(axis, 0, length)
+    return (x.to(torch.float32) - zero_point.to(torch.float32)) * scale
+
+
+@dequantize_block.register_fake
+def _dequantize_block_fake(x, scale, zero_point, axis, block_size):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+@custom_op("ditq::dynamic_quantize", mutates_args=())
+def dynamic_quantize(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Quantize-dequantize with parameters computed from ``x`` at run time, exactly as ONNX Runtime's CPU
+    kernels compute them (``quantizers.dynamic_fake_quantize``): ``block_size`` 0 is ``DynamicQuantizeLinear``
+    (uint8 affine over the whole tensor), ``block_size`` > 0 is ``MatMulNBits``' accuracy level 4 (int8
+    symmetric per ``block_size`` inputs of each token)."""
+    from .quantizers import dynamic_fake_quantize
+
+    return dynamic_fake_quantize(x, block_size or None)
+
+
+@dynamic_quantize.register_fake
+def _dynamic_quantize_fake(x, block_size):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
 @custom_op("ditq::round_to_grid", mutates_args=())
 def round_to_grid(x: torch.Tensor, scale: torch.Tensor, grid: str) -> torch.Tensor:
     """``x`` rounded onto ``scale * grid`` (float32), nearest with ties to even; see ``grids.round_to_grid``."""
@@ -92,6 +127,25 @@ def onnx_translation_table() -> dict:
     def dequantize_linear(x, scale, zero_point, axis: int):
         return op.DequantizeLinear(x, scale, zero_point, axis=axis)
 
+    def dequantize_linear_block(x, scale, zero_point, axis: int, block_size: int):
+        return op.DequantizeLinear(x, scale, zero_point, axis=axis, block_size=block_size)
+
+    def dynamic_quantize_linear(x, block_size: int):
+        if block_size == 0:  # standard ONNX: what DynamicQuantizeMatMul computes, runnable as is
+            q, scale, zero_point = op.DynamicQuantizeLinear(x)
+            return op.DequantizeLinear(q, scale, zero_point)
+        # no ONNX op quantizes per block of a token at run time: a marker the CPU lowering folds into
+        # MatMulNBits(accuracy_level=4) (lowering/cpu_nbits.py); no artifact is written with it
+        from onnxscript import values
+
+        from onnx import defs
+
+        schema = defs.OpSchema("DynamicQuantizeBlock", DITQ_DOMAIN, 1,
+                               inputs=[defs.OpSchema.FormalParameter("x", "tensor(float)")],
+                               outputs=[defs.OpSchema.FormalParameter("y", "tensor(float)")],
+                               attributes=[defs.OpSchema.Attribute("block_size", defs.OpSchema.AttrType.INT, "")])
+        return values.Op(values.Opset(DITQ_DOMAIN, 1), "DynamicQuantizeBlock", schema)(x, block_size=block_size)
+
     def round_onto_grid(x, scale, grid: str):
         import numpy as np
         import onnx_ir as ir
@@ -114,5 +168,7 @@ def onnx_translation_table() -> dict:
     return {
         torch.ops.ditq.quantize.default: quantize_linear,
         torch.ops.ditq.dequantize.default: dequantize_linear,
+        torch.ops.ditq.dequantize_block.default: dequantize_linear_block,
+        torch.ops.ditq.dynamic_quantize.default: dynamic_quantize_linear,
         torch.ops.ditq.round_to_grid.default: round_onto_grid,
     }

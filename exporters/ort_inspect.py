@@ -33,7 +33,13 @@ EXPECTED_KERNELS: dict[str, frozenset] = {
 }
 
 
+# Block-wise int4 weights (``int4-block64``) run on MatMulNBits only (lowering/cpu_nbits.py).
+BLOCK_KERNELS = frozenset({"MatMulNBits"})
+
+
 def expected_kernels(weight_format: str) -> frozenset:
+    if "-block" in weight_format:
+        return BLOCK_KERNELS
     return EXPECTED_KERNELS[weight_format.split("-", 1)[0]]
 
 

@@ -13,6 +13,11 @@ adaLN modulation, which ONNX Runtime turns into ``QGemm``) gets ``b_q = round(b 
 int64 (the parameter pass already raised weight scales so that it fits) with ``DequantizeLinear(b_q, s_x s_w)``.
 The weight is stored transposed so no Transpose separates it from the MatMul.
 
+A block-wise int4 weight (``--weight-block B``) is dequantized along the stored weight's input axis with
+``DequantizeLinear(block_size=B)`` (scales ``[blocks, out]``); a dynamic input (``--act dynamic``) goes through
+``ditq.dynamic_quantize`` instead of a calibrated Q/DQ pair. The CPU lowering turns both into the kernels
+that compute them (``exporters/lowering/cpu_nbits.py``).
+
 Every reader of one tensor (q, k, v) shares one Q/DQ pair; the pass checks that they were given the same
 activation parameters instead of assuming it. Tensors are shared across branches exactly when their
 inputs are (the same float weight and weight-scale objects give the same int8 weight object), so a
@@ -43,6 +48,8 @@ from ..quantizers import activation_qdq, quantize_weight, weight_dequantize_scal
 _QUANTIZE = torch.ops.ditq.quantize.default
 _DEQUANTIZE = torch.ops.ditq.dequantize.default
 _ROUND_TO_GRID = torch.ops.ditq.round_to_grid.default
+_DEQUANTIZE_BLOCK = torch.ops.ditq.dequantize_block.default
+_DYNAMIC = torch.ops.ditq.dynamic_quantize.default
 
 
 def _ident(layer: str) -> str:
@@ -118,6 +125,13 @@ class InsertQuantDequant(BranchPass):
                 if act is None:  # weight-only: the input stays in float
                     x_dq = x
                     shared_note = " (weight-only)"
+                elif spec.activation.dynamic:  # quantized by the kernel at run time; readers of one kernel share it
+                    key = f"{spec.input_key}:dynamic{spec.activation.block_size or 0}"
+                    if key not in dequantized_inputs:
+                        dequantized_inputs[key] = (emit(_DYNAMIC, (x, spec.activation.block_size or 0),
+                                                        f"{_ident(spec.layer)}_input_dynamic", "input_dynamic"), act)
+                    x_dq = dequantized_inputs[key][0]
+                    shared_note = " (dynamic input)"
                 elif spec.input_key in dequantized_inputs:
                     x_dq, first_params = dequantized_inputs[spec.input_key]
                     if (first_params.scale, first_params.zero_point) != (act.scale, act.zero_point):
@@ -143,15 +157,24 @@ class InsertQuantDequant(BranchPass):
                     weight, weight_scale, spec.weight, grid).t().contiguous())
                 w_q = attr("weight_quantized", weight_q)
                 dq_scale = self.memo(f"weight_scale:{grid}", (weight_scale,),
-                                     lambda: weight_dequantize_scale(weight_scale, spec.weight, grid).clone())
+                                     lambda: weight_dequantize_scale(weight_scale, spec.weight, grid).t().contiguous()
+                                     if weight_scale.dim() == 2 else
+                                     weight_dequantize_scale(weight_scale, spec.weight, grid).clone())
                 w_scale = attr("weight_scale", dq_scale)
-                w_zero = attr("weight_zero_point", self.zeros(spec.layer, weight_scale.shape, spec.weight.torch_dtype))
-                w_dq = emit(_DEQUANTIZE, (w_q, w_scale, w_zero, 1), f"{_ident(spec.layer)}_weight_dequantized",
-                            "weight_dq")
+                w_zero = attr("weight_zero_point", self.zeros(spec.layer, dq_scale.shape, spec.weight.torch_dtype))
+                if spec.weight.block_size:  # scales [blocks, out] along the stored weight's input axis
+                    w_dq = emit(_DEQUANTIZE_BLOCK, (w_q, w_scale, w_zero, 0, spec.weight.block_size),
+                                f"{_ident(spec.layer)}_weight_dequantized", "weight_dq")
+                else:
+                    w_dq = emit(_DEQUANTIZE, (w_q, w_scale, w_zero, 1), f"{_ident(spec.layer)}_weight_dequantized",
+                                "weight_dq")
                 out = emit(torch.ops.aten.matmul.default, (x_dq, w_dq), role="matmul")
-                weight_format = f"fp4-{grid}" if spec.weight.dtype == "fp4" else spec.weight.dtype
+                weight_format = f"fp4-{grid}" if spec.weight.dtype == "fp4" else \
+                    f"{spec.weight.dtype}-block{spec.weight.block_size}" if spec.weight.block_size else spec.weight.dtype
                 out.meta[PROVENANCE_KEY].update(weight=w_q.target, weight_format=weight_format, bias=spec.bias,
-                                                module_role=spec.role)
+                                                module_role=spec.role,
+                                                activation="dynamic" if act is not None and spec.activation.dynamic
+                                                else "static")
                 for key in (ROTATION_KEY, SMOOTHING_KEY):  # what the layer's input went through, for error analysis
                     if key in node.meta:
                         out.meta[key] = node.meta[key]
@@ -177,7 +200,8 @@ class InsertQuantDequant(BranchPass):
             counts["layers"] += 1
             details.append(f"{spec.layer}: {spec.weight.dtype} weight {tuple(weight_q.shape)}"
                            + (f", input scale {act.scale:.4g}" if act is not None else "") + shared_note)
-        counts["activation quantizers"] = len(dequantized_inputs)
+        counts["activation quantizers"] = sum(1 for key in dequantized_inputs if ":dynamic" not in key)
+        counts["dynamic activations"] = len(dequantized_inputs) - counts["activation quantizers"]
         counts["dropped float tensors"] = self._drop_unused(gm, float_tensors)
         return BranchResult(counts["layers"] > 0, counts, details)
 
@@ -186,8 +210,10 @@ class InsertQuantDequant(BranchPass):
         return self.memo(f"zeros:{layer}:{tuple(shape)}:{dtype}", (), lambda: torch.zeros(shape, dtype=dtype))
 
     def summarize(self, counts, ctx):
+        dynamic = f", {counts['dynamic activations']} inputs quantized at run time" \
+            if counts.get("dynamic activations") else ""
         return (f"rewrote {counts['layers']} linears to Q/DQ form ({counts['activation quantizers']} activation "
-                f"Q/DQ pairs, {counts['int32 bias']} with int32 bias for QGemm), dropped "
+                f"Q/DQ pairs{dynamic}, {counts['int32 bias']} with int32 bias for QGemm), dropped "
                 f"{counts['dropped float tensors']} float parameters")
 
     @staticmethod

@@ -18,6 +18,9 @@ Weights (per output channel ``i``, symmetric), by ``--weight-clip``:
   keep the clip with the lowest error;
 * ``mse``: clip at ``c * max_j |W_ij|`` for ``c`` in 1.0, 0.95, ..., 0.5, keep the lowest error.
 
+Block-wise weights (``--weight-block B``) search each block of ``B`` inputs of each row the same way.
+Dynamic activations (``--act dynamic``) get no parameters: the kernel quantizes them at run time.
+
 The error of a channel is ``sum_j e_j (W_ij - Q(W)_ij)^2``: plain L2 (``e_j = 1``) for integer formats, and
 for FP4, whose grids are coarse, weighted by the input's mean square ``e_j = E[X_j^2]`` over the calibration
 inputs of every group — the output error the rounding adds, to a diagonal approximation. FP4 picks the grid
@@ -31,6 +34,7 @@ row's weight scale is raised until it fits (``bias_fitting_weight_scale``), as O
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import torch
@@ -64,8 +68,15 @@ def _clip_candidates(weight: torch.Tensor, method: str) -> torch.Tensor:
 
 def search_weight_scale(weight: torch.Tensor, spec: QuantizerSpec, method: str, grid: str | None = None,
                         importance: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """Per-channel scales by ``method`` and their total (weighted) squared error."""
+    """Per-channel scales by ``method`` and their total (weighted) squared error; for a block spec, the
+    search runs on each block of inputs as if it were a layer of its own, giving ``[out, blocks]`` scales."""
     w = weight.detach().to(torch.float32)
+    if spec.granularity == "block":
+        per_channel = dataclasses.replace(spec, granularity="channel", block_size=None)
+        found = [search_weight_scale(w[:, start:start + spec.block_size], per_channel, method, grid,
+                                     importance[start:start + spec.block_size] if importance is not None else None)
+                 for start in range(0, w.shape[1], spec.block_size)]
+        return torch.stack([scale for scale, _ in found], dim=1), sum(error for _, error in found)
     candidates = _clip_candidates(w, method)
     scales = (candidates / grid_max(spec, grid)).clamp_min(1e-12)  # [candidates, out]
     weights = importance.to(torch.float32)[None, :] if importance is not None else 1.0
@@ -89,7 +100,10 @@ def choose_weight(weight: torch.Tensor, spec: QuantizerSpec, method: str,
 
 
 def choose_activation(spec: QuantizerSpec, lo: float, hi: float, values: torch.Tensor | None) -> ActivationParams:
-    """Parameters of one activation quantizer from its range (and for FP4 its captured values)."""
+    """Parameters of one activation quantizer from its range (and for FP4 its captured values). A dynamic
+    quantizer gets no scale (the kernel computes it at run time); its calibrated range is kept for reports."""
+    if spec.dynamic:
+        return ActivationParams(0.0, 0, min(lo, 0.0), max(hi, 0.0))
     if spec.dtype == "float8e4m3fn":
         absmax = max(-lo, hi, 0.0)
         return ActivationParams(max(absmax / FLOAT8_E4M3_MAX, 1e-12), 0.0, min(lo, 0.0), max(hi, 0.0))
@@ -176,6 +190,7 @@ class ChooseQuantParams(BranchPass):
             if grid:
                 counts[f"weights on {grid}"] += 1
             input_text = "input in float (weight-only)" if act is None else \
+                f"input quantized at run time ({spec.activation.describe()})" if spec.activation.dynamic else \
                 f"input range [{act.low:.4g}, {act.high:.4g}] -> scale {act.scale:.4g}, zero point {act.zero_point}" \
                 + (f", grid {act.grid}" if act.grid else "")
             details.append(f"{spec.layer}: {input_text}; weight scales {note} "

@@ -224,6 +224,58 @@ def test_a_dead_adaln_row_with_a_bias_keeps_its_bias():
 
 
 # ---------------------------------------------------------------------------------------------
+# int4 packing (lowering/cpu.py: INT4 initializers; lowering/cuda.py pack_nbits: MatMulNBits' layout)
+# ---------------------------------------------------------------------------------------------
+
+@st.composite
+def int4_matrices(draw):
+    """[K, N] int4 values held in int8: any sizes (odd ones included), negative values and both extremes."""
+    k, n = draw(st.integers(1, 37)), draw(st.integers(1, 9))
+    return draw(hnp.arrays(np.int8, (k, n), elements=st.integers(-8, 7)))
+
+
+@PROPERTY
+@given(weight=int4_matrices())
+def test_int4_initializer_round_trip(weight):
+    """What PackInt4Weights stores (two values a byte, ceil(K N / 2) bytes) reads back as the same int8 values."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ditq_compiler.exporters.lowering import LayerRecord
+    from ditq_compiler.exporters.lowering.cpu import PackInt4Weights
+
+    k, n = weight.shape
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["x", "wd"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(weight, "w"),
+                               numpy_helper.from_array(np.ones(n, np.float32), "s"),
+                               numpy_helper.from_array(np.zeros(n, np.int8), "z")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert PackInt4Weights({"l": LayerRecord("w", "int4", "float", "qkv")})(model).modified
+    stored = {t.name: t for t in ir.to_proto(model).graph.initializer}["w.int4"]
+    assert stored.data_type == TensorProto.INT4 and len(stored.raw_data) == (k * n + 1) // 2
+    np.testing.assert_array_equal(numpy_helper.to_array(stored).astype(np.int8), weight)
+
+
+@PROPERTY
+@given(weight=int4_matrices(), block=st.sampled_from([16, 32, 64, 128]))
+def test_matmul_nbits_packing_round_trip(weight, block):
+    """MatMulNBits' B [N, ceil(K / block), block / 2]: low nibble first, offset 8; a block that does not divide K
+    is padded with 8 (zero after the offset), so unpacking gives back W [K, N] and zeros beyond K."""
+    from ditq_compiler.exporters.lowering.cuda import pack_nbits
+
+    k, n = weight.shape
+    packed = pack_nbits(weight, 4, block)
+    blocks = -(-k // block)
+    assert packed.dtype == np.uint8 and packed.shape == (n, blocks, block // 2)
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks * block).astype(np.int16) - 8
+    np.testing.assert_array_equal(codes[:, :k].T, weight)
+    assert not codes[:, k:].any()
+
+
+# ---------------------------------------------------------------------------------------------
 # Manifest parsing (integrity.parse_manifest, Artifact.load)
 # ---------------------------------------------------------------------------------------------
 

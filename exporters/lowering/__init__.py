@@ -44,13 +44,15 @@ class LayerRecord:
     """One quantized layer, as lowering sees it."""
 
     weight: str  # the weight tensor's name (what the integer kernel reads)
-    weight_format: str  # "int8", "int4", "fp8", "fp4-e2m1", ...
+    weight_format: str  # "int8", "int4", "int4-block64", "fp8", "fp4-e2m1", ...
     bias: str  # "int32" or "float"
     role: str
+    activation: str = "static"  # "static" (calibrated Q/DQ, or none) or "dynamic" (quantized by the kernel)
 
     @classmethod
     def from_manifest(cls, data: dict) -> "LayerRecord":
-        return cls(**{key: data[key] for key in ("weight", "weight_format", "bias", "role")})
+        return cls(**{key: data[key] for key in ("weight", "weight_format", "bias", "role")},
+                   activation=data.get("activation", "static"))
 
     def to_manifest(self) -> dict:
         return asdict(self)
@@ -201,3 +203,4 @@ def _dump(dump_dir: Path, index: int, lowering_pass: LoweringPass, model: ir.Mod
 
 
 from . import canonical  # noqa: E402,F401  (registers the inverses of the CPU passes)
+from . import cpu_nbits  # noqa: E402,F401  (and of the block-wise and dynamic CPU passes)

@@ -6,7 +6,7 @@ taking the weight's name. ONNX Runtime folds the Cast when it creates the sessio
 int8 ``DequantizeLinear`` + ``MatMul``/``Gemm`` into ``MatMulIntegerToFloat``/``QGemm`` as before (measured,
 also inside ``If`` branches reading outer initializers): 4-bit storage on disk, the int8 kernel at run time,
 exact W4 numerics. (``MatMulNBits``, the block-wise 4-bit kernel, was measured slower than float on this
-CPU at DiT's token counts.)
+CPU at DiT's token counts; ``--weight-block`` layers run on it, see ``cpu_nbits.py``.)
 
 ``PackFp4Weights``: an FP4 weight is held in int8 as ``g * multiplier`` of its grid. The artifact stores the
 4-bit sign-magnitude codes as ``UINT4`` and expands them with ``Gather(lookup table, Cast(codes, INT32))``
@@ -143,6 +143,8 @@ class Fp8WeightsAsCast(LoweringPass):
 
 
 def passes(layers: dict[str, LayerRecord]) -> list[LoweringPass]:
-    from .cpu_kernels import FoldBiasIntoIntegerGemm  # first: it reads weights as constants, before packing
+    from .cpu_kernels import FoldBiasIntoIntegerGemm  # it reads weights as constants, before packing
+    from .cpu_nbits import BlockWeightsToMatMulNBits, DynamicInputsToDynamicQuantizeMatMul
 
-    return [FoldBiasIntoIntegerGemm(layers), PackInt4Weights(layers), PackFp4Weights(layers), Fp8WeightsAsCast(layers)]
+    return [BlockWeightsToMatMulNBits(layers), DynamicInputsToDynamicQuantizeMatMul(layers),
+            FoldBiasIntoIntegerGemm(layers), PackInt4Weights(layers), PackFp4Weights(layers), Fp8WeightsAsCast(layers)]
