@@ -4,11 +4,13 @@ For random-weight DiT shapes (S/2, B/2, XL/2 of the DiT paper; 32x32x4 latents, 
 run: compile time and peak host memory of ditq (a child process each), artifact size, ONNX Runtime CPU latency
 at each batch size of the FP32 export, the ditq W8A8 artifact and ONNX Runtime's own ``quantize_static`` on the
 same FP32 export calibrated on the same trajectories (uint8 and int8 activations, MatMul/Gemm only and all
-ops), the output error of each against FP32 on held-out denoiser inputs from several timesteps, and ONNX
-Runtime's per-op profile of the W8A8 artifact.
+ops), the output error of each against FP32 on held-out denoiser inputs from several timesteps, ONNX
+Runtime's per-op profile of the W8A8 artifact, and (on that model) each change of issue 11 taken back on its
+own (``bench/ablation.py``). A run rewrites the sections of the models it measured and keeps the others.
 
-    python bench/bench_speed.py                                  # S and B, batches 2 and 8
-    python bench/bench_speed.py --models XL --batches 2 --runs 5  # DiT-XL/2: slow, external data
+    python bench/bench_speed.py                       # S and B, batches 2 and 8 (profile and ablation on B)
+    python bench/bench_speed.py --models XL           # DiT-XL/2 at batches 2 and 8: slow, external data
+    python bench/bench_speed.py --models S B XL       # all three in one run
     python bench/bench_speed.py --compare-profile OLD.onnx NEW.onnx   # per-op profile of two models
 """
 
@@ -28,8 +30,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablation import fuse_attention, gelu_kernels, perturb_shared_embedders, strip_branch_value_info, unfold_biases  # noqa: E402
 from common import (PROFILE_CATEGORIES, PhaseMemorySampler, close_sessions, export_fp32, file_size_mb, latencies_ms,  # noqa: E402
-                    machine_description, profile_by_op, quantize_static_baseline, relative_l2, run_child,
+                    machine_description, marked_block, profile_by_op, quantize_static_baseline, relative_l2, run_child,
                     run_output, trajectory_batches)
 
 SHAPES = {  # DiT paper sizes: heads, head width (hidden = heads x width), depth
@@ -37,14 +40,31 @@ SHAPES = {  # DiT paper sizes: heads, head width (hidden = heads x width), depth
     "B": dict(num_attention_heads=12, attention_head_dim=64, num_layers=12),
     "XL": dict(num_attention_heads=16, attention_head_dim=72, num_layers=28),
 }
+# ditq's rows run integer attention (--quantize-attention), the fastest form; it is opt-in because it costs
+# PSNR on the reference model (docs/quality.md), so the ablation below also times the default, float attention.
 FP32, DITQ, GROUPS4 = "FP32 export", "ditq W8A8 minmax", "ditq W8A8 minmax, 4 timestep groups"
+EMBEDDERS = "ditq W8A8 minmax, embedders and final layer too"
 PEERS = {  # row -> (activations, MatMul/Gemm only)
     "quantize_static uint8 act., MatMul/Gemm": ("uint8", True),
     "quantize_static uint8 act., all ops": ("uint8", False),
     "quantize_static int8 act., MatMul/Gemm": ("int8", True),
     "quantize_static int8 act., all ops": ("int8", False),
 }
-FAIR_PEER = "quantize_static uint8 act., MatMul/Gemm"
+FAIR_PEER = "quantize_static uint8 act., MatMul/Gemm"  # the form ONNX Runtime's x86 int8 kernels take
+# Each change of issue 11 taken back on its own (bench/ablation.py): row -> (what it measures, the row it is
+# compared with)
+NO_INT_ATTENTION = "integer attention off (the default, --no-quantize-attention)"
+MHA = "attention as com.microsoft.MultiHeadAttention (float)"
+NO_BIAS_FOLD = "bias fold taken back"
+NO_DEDUP = "no identical embedders to merge (each block's moved by 1 ulp)"
+NO_BRANCH_SHAPES = "4 timestep groups, branches without value_info"
+ABLATION = {
+    NO_INT_ATTENTION: ("integer attention (QK^T, PV on integer kernels)", DITQ),
+    MHA: ("ONNX Runtime's fused attention contrib op instead of integer attention", DITQ),
+    NO_BIAS_FOLD: ("bias folded into MatMulIntegerToFloat", DITQ),
+    NO_DEDUP: ("DeduplicateSubgraphs (one embedder computed once)", DITQ),
+    NO_BRANCH_SHAPES: ("GELU fused with its bias inside If branches (branch value_info)", GROUPS4),
+}
 MEMORY_GOAL = 2.5  # peak host memory of a compile, in FP32 model sizes (issue 11)
 
 
@@ -73,14 +93,16 @@ def model_bytes(model: torch.nn.Module) -> int:
 # Compiles run in a child process: wall time and peak resident memory of that process alone
 # ------------------------------------------------------------------------------------------------
 
-def compile_child(checkpoint: str, output: str, report: str, steps: int, samples: int, groups: int) -> None:
-    """Runs in the child: compile, and write its seconds and per-phase peak memory to ``report``."""
+def compile_child(checkpoint: str, output: str, report: str, steps: int, samples: int, groups: int,
+                  options: dict) -> None:
+    """Runs in the child: compile, and write its seconds and per-phase peak memory to ``report``. ``options``:
+    further ``CompileConfig`` fields (``quantize_attention``)."""
     from ditq_compiler import CalibrationConfig, CompileConfig
     from ditq_compiler import compile as compile_checkpoint
     from ditq_compiler.progress import _ACTIVITY  # read only: the name of the phase running now
 
     config = CompileConfig(calibration=CalibrationConfig(steps=steps, samples=samples), groups=groups,
-                           grouping="uniform")
+                           grouping="uniform", **options)
     start = time.perf_counter()
     with PhaseMemorySampler(lambda: _ACTIVITY.name) as sampler:
         artifact = compile_checkpoint(checkpoint, output, config, force=True)
@@ -88,10 +110,12 @@ def compile_child(checkpoint: str, output: str, report: str, steps: int, samples
                                         "compile_seconds": artifact.compile_log["compile_seconds"]}))
 
 
-def compile_in_child(checkpoint: Path, output: Path, args, groups: int = 1) -> dict:
+def compile_in_child(checkpoint: Path, output: Path, args, groups: int = 1, **options) -> dict:
+    options = {"quantize_attention": True, **options}  # see DITQ
     report = output.with_suffix(".compile.json")
     code, seconds, peak = run_child([__file__, "--compile-child", str(checkpoint), str(output), str(report),
-                                     str(args.calib_steps), str(args.calib_samples), str(groups)])
+                                     str(args.calib_steps), str(args.calib_samples), str(groups),
+                                     json.dumps(options)])
     if code != 0:
         raise SystemExit(f"compiling {checkpoint} failed (exit {code})")
     return {**json.loads(report.read_text()), "process_seconds": seconds, "peak_bytes": peak}
@@ -135,10 +159,16 @@ def bench_model(size: str, work: Path, args) -> dict:
     if size != "XL" and not args.skip_groups:
         compiles[GROUPS4] = compile_in_child(checkpoint, work / f"dit-{size}-w8a8-g4", args, groups=4)
         paths[GROUPS4] = Artifact.load(work / f"dit-{size}-w8a8-g4").model_path
+    if size != "XL" and not args.skip_embedders:
+        compiles[EMBEDDERS] = compile_in_child(checkpoint, work / f"dit-{size}-w8a8-emb", args,
+                                               quantize_embedders=True)
+        paths[EMBEDDERS] = Artifact.load(work / f"dit-{size}-w8a8-emb").model_path
+    ablation_paths = build_ablation(model, size, work, artifact, paths, args) \
+        if size == args.profile_model and not args.skip_ablation else {}
 
     start = time.perf_counter()
     export_fp32(model, paths[FP32])
-    seconds = {FP32: time.perf_counter() - start, DITQ: compiles[DITQ]["seconds"]}
+    seconds = {FP32: time.perf_counter() - start, **{name: c["seconds"] for name, c in compiles.items()}}
 
     calibration = trajectory_batches(model, DEFAULT_SCHEDULER_CONFIG, steps=args.calib_steps,
                                      samples=args.calib_samples, guidance_scale=4.0, seed=args.seed)
@@ -167,15 +197,100 @@ def bench_model(size: str, work: Path, args) -> dict:
         feeds = latency_feeds(args.profile_batch)
         profile = {name: profile_by_op(paths[name], feeds, threads=args.threads, runs=args.profile_runs,
                                        work_dir=work) for name in (DITQ, FP32)}
+    ablation = measure_ablation(ablation_paths, paths, evals, reference, args) if ablation_paths else None
+    gelu = {name: gelu_kernels(paths[name]) for name in (DITQ, GROUPS4) if name in paths}
     return {
         "size": size, "config": SHAPES[size], "fp32_bytes": fp32_bytes, "seconds": seconds,
         "sizes": {name: file_size_mb(path) for name, path in paths.items()},
         "latency": latency, "errors": errors, "timesteps": timesteps, "runs": runs,
-        "compiles": compiles, "reduce_range": reduce_range, "profile": profile,
+        "compiles": compiles, "reduce_range": reduce_range, "profile": profile, "ablation": ablation, "gelu": gelu,
         "kernels": artifact.manifest["fusion"]["kernels"], "layers": len(artifact.manifest["quantized_layers"]),
         "passes": {p["name"]: p["summary"] for p in artifact.manifest["passes"]},
         "lowering": {p["name"]: p["summary"] for p in artifact.manifest["lowering"]["passes"] if p["modified"]},
     }
+
+
+def build_ablation(model, size: str, work: Path, artifact, paths: dict, args) -> dict[str, Path]:
+    """The variants of :data:`ABLATION`: each change of issue 11 taken back on its own (``bench/ablation.py``)."""
+    import copy
+
+    import onnx
+
+    from ditq_compiler import Artifact
+
+    variants: dict[str, Path] = {}
+    checkpoint = work / f"dit-{size}"
+    compile_in_child(checkpoint, work / f"dit-{size}-w8a8-noattn", args, quantize_attention=False)
+    variants[NO_INT_ATTENTION] = Artifact.load(work / f"dit-{size}-w8a8-noattn").model_path
+
+    fused, count = fuse_attention(onnx.load(artifact.model_path), SHAPES[size]["num_attention_heads"])
+    if count != SHAPES[size]["num_layers"]:
+        raise SystemExit(f"MultiHeadAttention rewrite matched {count} attentions, not {SHAPES[size]['num_layers']}")
+    variants[MHA] = work / f"dit-{size}-mha.onnx"
+    onnx.save(fused, variants[MHA])
+
+    variants[NO_BIAS_FOLD] = work / f"dit-{size}-nofold.onnx"
+    onnx.save(unfold_biases(artifact), variants[NO_BIAS_FOLD])
+
+    perturbed = copy.deepcopy(model)
+    perturb_shared_embedders(perturbed)
+    perturbed.save_pretrained(work / f"dit-{size}-distinct", safe_serialization=True)
+    del perturbed
+    compile_in_child(work / f"dit-{size}-distinct", work / f"dit-{size}-w8a8-distinct", args)
+    variants[NO_DEDUP] = Artifact.load(work / f"dit-{size}-w8a8-distinct").model_path
+
+    if GROUPS4 in paths:
+        stripped, _ = strip_branch_value_info(onnx.load(paths[GROUPS4]))
+        variants[NO_BRANCH_SHAPES] = work / f"dit-{size}-g4-noshapes.onnx"
+        onnx.save(stripped, variants[NO_BRANCH_SHAPES])
+    return variants
+
+
+def measure_ablation(variants: dict[str, Path], paths: dict, evals: list, reference: list, args) -> dict:
+    """Latency of every variant and of the rows they are compared with, in the same interleaved rounds at the
+    profile batch; the output error of each on the held-out inputs; GELU kernels and dedup summaries."""
+    import json as _json
+
+    models = {name: paths[name] for name in (DITQ, GROUPS4) if name in paths} | variants
+    errors = {name: max(relative_l2(run_output(path, b), ref) for b, ref in zip(evals, reference))
+              for name, path in models.items()}
+    close_sessions()
+    latency = latencies_ms(models, latency_feeds(args.profile_batch), threads=args.threads, rounds=args.runs)
+    dedup = {}
+    for name in (DITQ, NO_DEDUP):
+        manifest = _json.loads((models[name].parent / "manifest.json").read_text())
+        dedup[name] = next(p["summary"] for p in manifest["passes"] if p["name"] == "dedup_subgraphs")
+    gelu = {name: gelu_kernels(models[name]) for name in (GROUPS4, NO_BRANCH_SHAPES) if name in models}
+    return {"latency": latency, "errors": errors, "dedup": dedup, "gelu": gelu,
+            "sizes": {name: file_size_mb(path) for name, path in models.items()}}
+
+
+def ablation_lines(ablation: dict, batch: int) -> list[str]:
+    latency, errors = ablation["latency"], ablation["errors"]
+    lines = [f"### Each change on its own (batch {batch})", "",
+             "Every variant takes back one change (how: `bench/ablation.py`) and is timed in the same interleaved "
+             "rounds as the artifact it is compared with. Ratio = variant / with the change: above 1 the change "
+             "makes the model faster.", "",
+             "| change | variant (change taken back) | variant ms | with the change ms | ratio | variant rel. L2 error |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, (change, base) in ABLATION.items():
+        if name not in latency:
+            continue
+        lines.append(f"| {change} | {name} | {latency[name]:.1f} | {latency[base]:.1f} | "
+                     f"{latency[name] / latency[base]:.2f}x | {errors[name]:.2%} |")
+    lines += ["", f"Output error of the artifacts compared with: {DITQ} {errors[DITQ]:.2%}"
+              + (f", {GROUPS4} {errors[GROUPS4]:.2%}" if GROUPS4 in errors else "") + ".", ""]
+    mha = latency[MHA] / latency[DITQ]
+    lines += [f"ONNX Runtime's fused attention (`com.microsoft.MultiHeadAttention`, float, on the float q, k, v the "
+              f"integer GEMMs produce) runs the model at {mha:.2f}x the time of integer attention: "
+              + ("slower, so ditq keeps integer attention and does not emit it." if mha >= 1 else
+                 "faster here; ditq does not emit it yet (this run says it should be tried as a lowering)."),
+              "", f"Deduplication: {ablation['dedup'][DITQ]} (the variant: {ablation['dedup'][NO_DEDUP]}).", ""]
+    if ablation["gelu"]:
+        lines += ["GELU in ONNX Runtime's optimized graph (every branch counted): " + "; ".join(
+            f"{name}: {c['with bias']} with the bias inside, {c['without bias']} after a separate bias Add"
+            for name, c in ablation["gelu"].items()) + ".", ""]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,40 +329,51 @@ def goal_lines(result: dict, batch: int) -> list[str]:
     return lines
 
 
+SECTION = "## DiT-"
+FORMATS_BLOCK = "formats-bench"  # the section bench/bench_formats.py writes between its markers
+
+
 def write_report(results: list[dict], args, path: Path) -> None:
+    """Write the sections of this run's models into ``path``, keeping the sections of other models that an
+    earlier run wrote there (``--models XL`` adds DiT-XL/2 beside S/2 and B/2); each section names its run."""
     batches = args.batches
     lines = [
         "# Benchmarks",
         "",
-        "Written by `python bench/bench_speed.py`; every number below comes from one run of it "
-        f"(`--models {' '.join(args.models)} --batches {' '.join(map(str, batches))}`).",
+        "Written by `python bench/bench_speed.py`; each model's section comes from one run of it, named at its top "
+        "with the machine, the date and the settings of that run.",
         "",
-        f"- Machine: {machine_description()}. The machine was shared with other jobs during the run: absolute "
-        "times move by up to 2x between runs; the ratios within one table (interleaved rounds) are what to compare.",
-        f"- Date: {datetime.date.today().isoformat()}",
         "- Models: random-weight diffusers `DiTTransformer2DModel` with the DiT paper's shapes, 32x32x4 latents, "
         "patch 2 (256 tokens), 1000 classes; every block holds block 0's timestep/class embedder, as checkpoints "
-        "converted from the original DiT do. ONNX Runtime CPU provider, "
-        f"{args.threads} intra-op threads; every model of a table is timed in the same interleaved rounds (one run "
-        "of each per round, after 3 warm-up runs each) and the median is reported.",
-        f"- Calibration (ditq and every `quantize_static` row): the same {args.calib_samples} samples x "
-        f"{args.calib_steps} DDPM steps with guidance 4.0 (batch {2 * args.calib_samples}: conditional and "
-        "null-class rows).",
-        f"- Error: relative L2 of the output vs the FP32 export on held-out denoiser inputs (a trajectory with other "
-        f"noise and labels than calibration) at {args.eval_points} timesteps from the first step to the last; the "
-        "table shows the largest, the per-timestep values follow it.",
+        "converted from the original DiT do. ONNX Runtime CPU provider; every model of a table is timed in the "
+        "same interleaved rounds (one run of each per round, after 3 warm-up runs each) and the median is reported. "
+        "The machine may be shared with other jobs during a run: absolute times move by up to 2x between runs; the "
+        "ratios within one table (interleaved rounds) are what to compare.",
+        "- Calibration (ditq and every `quantize_static` row): the same trajectories (samples x DDPM steps with "
+        "guidance 4.0, each sample in one batch with its null-class twin).",
+        "- Error: relative L2 of the output vs the FP32 export on held-out denoiser inputs (a trajectory with other "
+        "noise and labels than calibration) at several timesteps from the first step to the last; the table shows "
+        "the largest, the per-timestep values follow it.",
         "- `quantize_static` rows: ONNX Runtime's quantizer on the same FP32 export (QDQ, per-channel int8 weights, "
-        "min/max calibration); uint8 activations are what ONNX Runtime's x86 int8 GEMMs take, int8 activations are "
-        "converted by ONNX Runtime itself. Their compile time includes the FP32 export.",
+        "min/max calibration), on MatMul/Gemm only or on all ops. uint8 activations are what ONNX Runtime's x86 "
+        "int8 GEMMs take; with them q, k and v share one quantized input and fuse, so the uint8 MatMul/Gemm row is "
+        "the fair peer. int8 activations are converted by ONNX Runtime itself and leave q/k/v unfused; those rows "
+        "are kept for comparison. Their compile time includes the FP32 export.",
         "- Random weights have none of a trained DiT's activation outliers, so the errors here understate what "
         "quantization costs; quality on a trained model is measured in [quality.md](quality.md).",
-        "- CUDA provider: not measured in this run (no GPU on the machine that ran it).",
+        "- CUDA provider: not measured here (see the GPU benchmark for the CUDA and TensorRT targets).",
         "",
     ]
+    command = "python bench/bench_speed.py " + " ".join(sys.argv[1:])
+    sections = _old_sections(path) if path.exists() else {}
     for result in results:
         size, latency = result["size"], result["latency"]
         reduce = result["reduce_range"]
-        lines += [f"## DiT-{size}/2", ""]
+        section_start = len(lines)
+        lines += [f"{SECTION}{size}/2", "",
+                  f"Run: `{command.strip()}` on {datetime.date.today().isoformat()}; {machine_description()}; "
+                  f"{args.threads} intra-op threads; calibration {args.calib_samples} samples x {args.calib_steps} "
+                  f"steps; error at {args.eval_points} held-out timesteps; {result['runs']} timing rounds.", ""]
         if reduce:
             lines += ["This CPU's u8 x s8 GEMMs saturate full-range int8 weights (no VNNI), so the uint8 "
                       "`quantize_static` rows use 7-bit weights (`reduce_range=True`, ONNX Runtime's advice for such "
@@ -255,17 +381,27 @@ def write_report(results: list[dict], args, path: Path) -> None:
         header = "| artifact | compile s | size MB | " + " | ".join(
             f"batch {b} ms | speed-up b{b}" for b in batches) + " | rel. L2 error vs FP32 (max) |"
         lines += [header, "|---|" + "---:|" * (3 + 2 * len(batches))]
-        for name in [FP32, DITQ, *[p for p in PEERS if p in result["errors"]]]:
+        for name in [FP32, DITQ, *[n for n in (EMBEDDERS,) if n in result["errors"]],
+                     *[p for p in PEERS if p in result["errors"]]]:
             cells = [f"{result['seconds'][name]:.1f}", f"{result['sizes'][name]:.1f}"]
             for b in batches:
                 cells += [f"{latency[b][name]:.1f}", f"{latency[b][FP32] / latency[b][name]:.2f}x"]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {max(result['errors'][name]):.2%} |")
+            label = f"{name} (the fair peer)" if name == FAIR_PEER else name
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {max(result['errors'][name]):.2%} |")
         lines += ["", "Error per timestep (t = " + ", ".join(map(str, result["timesteps"])) + "): " + "; ".join(
             f"{name} " + " / ".join(f"{e:.2%}" for e in values) for name, values in result["errors"].items()
             if name != FP32) + ".", ""]
         lines += [f"ditq: {result['layers']} quantized layers, ONNX Runtime kernels {result['kernels']}. Passes: "
                   f"{result['passes'].get('dedup_subgraphs', '')}; lowering: "
                   + "; ".join(result["lowering"].values()) + ".", ""]
+        if result["gelu"]:
+            lines += ["GELU in ONNX Runtime's optimized graph (every `If` branch counted): " + "; ".join(
+                f"{name}: {c['with bias']} with the bias inside (FastGelu/BiasGelu), {c['without bias']} after a "
+                "separate bias Add" for name, c in result["gelu"].items()) + ".", ""]
+        sizes = result["sizes"]
+        lines += [f"Size: ditq W8A8 is {sizes[DITQ] / sizes[FP32]:.3f}x the FP32 export"
+                  + (f", {sizes[EMBEDDERS] / sizes[FP32]:.3f}x with the embedders and the final layer quantized too "
+                     "(`--quantize-embedders`)" if EMBEDDERS in sizes else "") + ".", ""]
         compile_info = result["compiles"][DITQ]
         peak, fp32 = compile_info["peak_bytes"], result["fp32_bytes"]
         phases = ", ".join(f"{label} {rss / 1e9:.2f} GB / {seconds:.0f} s"
@@ -283,7 +419,7 @@ def write_report(results: list[dict], args, path: Path) -> None:
                       f"vs {result['sizes'][DITQ]:.2f} MB, {growth * 1e3:.1f} kB per extra group; compile "
                       f"{result['compiles'][GROUPS4]['seconds']:.0f} s.", ""]
         if 2 in latency:
-            lines += [f"Goals of issue 11 at batch 2 on this CPU:", "", *goal_lines(result, 2), ""]
+            lines += ["Goals of issue 11 at batch 2 on this CPU:", "", *goal_lines(result, 2), ""]
         if result["profile"]:
             lines += [f"### Where the time goes: DiT-{size}/2, batch {args.profile_batch}", "",
                       f"ONNX Runtime's profiler, kernel times summed by op type, median of {args.profile_runs} runs "
@@ -292,7 +428,29 @@ def write_report(results: list[dict], args, path: Path) -> None:
             others = result["profile"][DITQ]["others"]
             lines += ["Largest of the others (ditq W8A8): " + ", ".join(
                 f"{op} {ms:.1f}" for op, ms in list(others.items())[:6]) + " ms.", ""]
-    path.write_text("\n".join(lines) + "\n")
+        if result["ablation"]:
+            lines += ablation_lines(result["ablation"], args.profile_batch)
+        sections[size] = lines[section_start:]
+        del lines[section_start:]
+    for size in [*SHAPES, *[s for s in sections if s not in SHAPES]]:
+        lines += sections.get(size, [])
+    lines += ["", *marked_block(path, FORMATS_BLOCK)]  # bench_formats.py's section, kept as it is
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def _old_sections(path: Path) -> dict[str, list[str]]:
+    """The model sections (``## DiT-<size>/2`` to the next one) of an earlier report, by size."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        if line == f"<!-- {FORMATS_BLOCK}:begin -->":
+            current = None  # bench_formats.py's section: not part of a model's
+        if line.startswith(SECTION):
+            current = line[len(SECTION):].split("/", 1)[0]
+            sections[current] = []
+        if current is not None:
+            sections[current].append(line)
+    return sections
 
 
 def compare_profiles(paths: list[Path], args) -> None:
@@ -328,15 +486,19 @@ def main() -> None:
     parser.add_argument("--profile-rounds", type=int, default=3, help="--compare-profile: interleaved rounds")
     parser.add_argument("--skip-peers", action="store_true", help="no quantize_static rows (slow on XL)")
     parser.add_argument("--skip-groups", action="store_true", help="no 4-timestep-group compile")
+    parser.add_argument("--skip-embedders", action="store_true", help="no --quantize-embedders compile")
+    parser.add_argument("--skip-ablation", action="store_true",
+                        help="no variants with one change taken back (on the --profile-model)")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it (checkpoints, artifacts)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
     parser.add_argument("--compare-profile", nargs="+", type=Path, metavar="MODEL")
-    parser.add_argument("--compile-child", nargs=6, metavar=("CKPT", "OUT", "REPORT", "STEPS", "SAMPLES", "GROUPS"),
+    parser.add_argument("--compile-child", nargs=7,
+                        metavar=("CKPT", "OUT", "REPORT", "STEPS", "SAMPLES", "GROUPS", "OPTIONS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_child:
-        checkpoint, output, report, steps, samples, groups = args.compile_child
-        compile_child(checkpoint, output, report, int(steps), int(samples), int(groups))
+        checkpoint, output, report, steps, samples, groups, options = args.compile_child
+        compile_child(checkpoint, output, report, int(steps), int(samples), int(groups), json.loads(options))
         return
     if args.compare_profile:
         compare_profiles(args.compare_profile, args)

@@ -140,8 +140,10 @@ def file_size_mb(path: Path) -> float:
 
 # Op types of ONNX Runtime's optimized CPU graph, grouped the way the profile table reports them.
 PROFILE_CATEGORIES = (
-    ("int8 GEMMs", {"MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul"}),
-    ("float MatMuls (attention in W8A8)", {"MatMul", "FusedMatMul", "Gemm"}),
+    ("int8 GEMMs of the linear layers", {"MatMulIntegerToFloat", "QGemm", "MatMulInteger", "DynamicQuantizeMatMul"}),
+    ("integer attention (QK^T, PV)", {"QLinearMatMul"}),  # and integer MatMuls of two activations, below
+    ("float MatMuls", {"MatMul", "FusedMatMul", "Gemm"}),
+    ("fused attention", {"MultiHeadAttention", "Attention", "QAttention"}),
     ("FastGelu / Gelu", {"FastGelu", "Gelu", "BiasGelu"}),
     ("Add", {"Add"}),
     ("Transpose", {"Transpose"}),
@@ -174,7 +176,15 @@ def profile_by_op(model_path: Path, feeds: dict, *, threads: int = 2, warmup: in
     return aggregate_profile(events, runs)
 
 
-def _category(op_type: str) -> str:
+_INTEGER_MATMULS = {"MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul"}
+
+
+def _category(op_type: str, args: dict | None = None) -> str:
+    """The category of a kernel. An integer MatMul whose second input has more than 2 dimensions multiplies two
+    activations (attention's QK^T and PV), not an activation by a weight."""
+    shapes = (args or {}).get("input_type_shape") or []
+    if op_type in _INTEGER_MATMULS and len(shapes) > 1 and len(next(iter(shapes[1].values()), [])) > 2:
+        return "integer attention (QK^T, PV)"
     for name, ops in PROFILE_CATEGORIES:
         if op_type in ops:
             return name
@@ -197,7 +207,7 @@ def aggregate_profile(events: list[dict], runs: int) -> dict:
             continue
         for index, (start, end) in enumerate(model_runs):
             if start <= event["ts"] <= end:
-                category = _category(op_type)
+                category = _category(op_type, event["args"])
                 per_run[index][category] += event["dur"] / 1e3
                 counts[index][category] += 1
                 if category == "others":
@@ -272,3 +282,27 @@ def run_child(args: list[str]) -> tuple[int, float, int]:
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return process.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024  # Linux: kilobytes
+
+
+def marked_block(path: Path, name: str) -> list[str]:
+    """The lines of ``path`` from ``<!-- NAME:begin -->`` to ``<!-- NAME:end -->`` (both kept), or []: a section
+    another script owns, which a script that rewrites the file keeps as it is."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in lines or end not in lines:
+        return []
+    return lines[lines.index(begin):lines.index(end) + 1]
+
+
+def write_marked_block(path: Path, name: str, body: list[str]) -> None:
+    """Replace the ``name`` block of ``path`` with ``body`` between its markers (appended if absent)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    lines = path.read_text().splitlines() if path.exists() else []
+    block = [begin, *body, end]
+    if begin in lines and end in lines:
+        lines[lines.index(begin):lines.index(end) + 1] = block
+    else:
+        lines += ["", *block] if lines else block
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")

@@ -20,6 +20,9 @@ class ModelFamily:
     roles: dict[str, tuple[str, ...]]
     # roles quantized unless a layer rule says otherwise
     default_quantized_roles: tuple[str, ...]
+    # roles that stay in float by default and are quantized with ``--quantize-embedders`` (the embedders' and the
+    # final layer's linears: small, run once per call, and near the output)
+    optional_quantized_roles: tuple[str, ...] = ()
 
     def role_of(self, module: str) -> str:
         for role, patterns in self.roles.items():
@@ -27,8 +30,9 @@ class ModelFamily:
                 return role
         return "other"
 
-    def quantized_by_default(self, module: str) -> bool:
-        return self.role_of(module) in self.default_quantized_roles
+    def quantized_by_default(self, module: str, with_optional: bool = False) -> bool:
+        role = self.role_of(module)
+        return role in self.default_quantized_roles or (with_optional and role in self.optional_quantized_roles)
 
     @property
     def default_patterns(self) -> tuple[str, ...]:
@@ -48,6 +52,7 @@ DIT = ModelFamily(
         "final": ("proj_out_1", "proj_out_2"),
     },
     default_quantized_roles=("qkv", "attn_out", "fc1", "fc2", "adaln"),
+    optional_quantized_roles=("embedder", "final"),
 )
 
 FAMILIES = {"DiTTransformer2DModel": DIT}

@@ -10,7 +10,8 @@ default set, then the user's rules, later rules winning. The spec carries everyt
 * the weight and activation quantizer specs of the format (read from the configuration, never assumed);
 * the bias form: on the CPU target, layers whose input is 2-d (the adaLN modulation) become ``Gemm`` in ONNX
   Runtime, whose integer kernel ``QGemm`` needs an int32 bias quantized with ``s_x * s_w``; the other
-  targets keep a float bias (``TargetSpec.int32_bias``).
+  targets keep a float bias (``TargetSpec.int32_bias``), and so do layers whose kernel is not ``QGemm``
+  (block-wise int4 weights run as ``MatMulNBits``; dynamic activations as ``DynamicQuantizeMatMul``).
 """
 
 from __future__ import annotations
@@ -47,14 +48,15 @@ class AnnotateLinearQuantization(GraphPass):
             input_key = input_keys.setdefault(site.input.name, f"{site.layer}:in")
             two_d = site.input.meta["val"].dim() == 2
             activation = config.activation_spec_for(precision)
+            weight = config.weight_spec_for(precision)
             spec = LinearQuantSpec(
                 layer=site.layer, module=site.module, role=ctx.family.role_of(site.module), input_key=input_key,
-                weight=config.weight_spec_for(precision), activation=activation,
+                weight=weight, activation=activation,
                 # QGemm's int32 bias (CPU target only) needs an integer input scale; weight-only and FP8
                 # layers, and the other targets' kernels, keep a float bias
                 bias="int32" if config.target_spec.int32_bias and two_d and site.bias is not None
-                and activation is not None
-                and activation.dtype != "float8e4m3fn" else "float",
+                and activation is not None and not activation.dynamic
+                and activation.dtype != "float8e4m3fn" and weight.block_size is None else "float",
             )
             site.node.meta[SPEC_KEY] = spec
             annotated += 1
@@ -94,6 +96,7 @@ def annotate_attention(gm, ctx, details: list[str]) -> int:
             and is_call(value.args[0].args[0], aten.linear.default)
         reason = ("it has a mask" if mask is not None else "it has dropout" if dropout else "it is causal" if causal
                   else None if chain_ok else "V does not come from a linear through the heads reshape")
+        reason = reason or _why_output_not_integer(node)
         if reason:
             details.append(f"keep fp   {layer} attention ({reason})")
             continue
@@ -103,6 +106,35 @@ def annotate_attention(gm, ctx, details: list[str]) -> int:
         details.append(f"quantize  {layer} attention: q, k, v per tensor and the softmax output, uint8")
         count += 1
     return count
+
+
+def _why_output_not_integer(sdpa) -> str | None:
+    """PV runs on ``QLinearMatMul`` only when its output is requantized to an integer grid, which is the
+    output projection's static input quantizer. Say why not when that projection stays in float, takes FP8
+    (no integer kernel), or quantizes its input at run time."""
+    import torch
+
+    from .rewrite import is_call
+
+    aten = torch.ops.aten
+    node = sdpa
+    for _ in range(6):  # transpose, the heads reshape and dtype casts, between the call and its output projection
+        users = [user for user in node.users if not is_call(user, aten._assert_tensor_metadata.default)]
+        if len(users) != 1:
+            return "its output is read by several nodes"
+        node = users[0]
+        if is_call(node, aten.linear.default):
+            break
+    else:
+        return "its output does not reach a linear through the heads reshape"
+    spec = node.meta.get(SPEC_KEY)
+    activation = spec.activation if spec is not None else None
+    if activation is None:
+        return "its output projection keeps a float input"
+    if activation.dynamic or activation.dtype == "float8e4m3fn":
+        return (f"its output projection takes {'a run-time quantized' if activation.dynamic else 'an FP8'} input, "
+                "so PV has no integer output grid")
+    return None
 
 
 def _why_fp(module: str, ctx) -> str:

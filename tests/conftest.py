@@ -13,7 +13,7 @@ TINY_CONFIG = dict(
 )
 LAYERS_PER_BLOCK = 7  # q, k, v, out, fc1, fc2, adaLN modulation
 QUANTIZED_INPUTS_PER_BLOCK = 5  # adaLN input, qkv input (shared), out input, fc1 input, fc2 input
-ATTENTION_TENSORS_PER_BLOCK = 4  # q, k, v and the softmax output (integer attention, on by default on the CPU)
+ATTENTION_TENSORS_PER_BLOCK = 4  # q, k, v and the softmax output (--quantize-attention)
 
 
 def make_tiny_dit(seed: int = 0, **overrides):

@@ -26,8 +26,10 @@ def attention_artifacts(tmp_path_factory):
     path = tmp_path_factory.mktemp("attention_dit")
     modulated_dit().save_pretrained(path, safe_serialization=True)
     built = {}
-    for name, kwargs in (("plain", {}), ("smoothquant-3", dict(recipe="smoothquant", groups=3, grouping="uniform")),
-                         ("off", dict(quantize_attention=False))):
+    for name, kwargs in (("plain", dict(quantize_attention=True)),
+                         ("smoothquant-3", dict(recipe="smoothquant", groups=3, grouping="uniform",
+                                                quantize_attention=True)),
+                         ("off", {})):
         built[name] = compile_with_result(path, tmp_path_factory.mktemp(name) / "art", CompileConfig(
             calibration=CALIB, **kwargs))
     return built
@@ -55,7 +57,7 @@ def test_both_products_run_on_integer_kernels_in_every_branch(attention_artifact
 
 
 @pytest.mark.slow
-def test_attention_quantization_can_be_turned_off(attention_artifacts):
+def test_attention_quantization_is_off_by_default(attention_artifacts):
     artifact, result = attention_artifacts["off"]
     assert artifact.manifest["quantize_attention"] is False and "attention" not in artifact.manifest["fusion"]
     gm = result.graph_module.graph_modules()[0]
@@ -82,7 +84,7 @@ def test_v_statistics_follow_the_fold_into_v():
     from ditq_compiler.context import CompileContext
     from ditq_compiler.passes import CollectActivationStats, FoldSmoothing
 
-    module, ctx = _split(modulated_dit(), groups=1)
+    module, ctx = _split(modulated_dit(), groups=1, config_kwargs=dict(quantize_attention=True))
     gm = module.graph_modules()[0]
     assert sum(ATTENTION_KEY in n.meta for n in gm.graph.nodes) == len(LAYERS)
     ctx.smoothing_plan = _random_plan(module, ctx, ("attn_out",), with_shift=True)
@@ -101,4 +103,5 @@ def test_gpu_targets_refuse_attention_quantization():
     with pytest.raises(ConfigError, match="--quantize-attention runs on the cpu target only"):
         CompileConfig(target="cuda", quantize_attention=True).attention_spec
     assert CompileConfig(target="cuda").attention_spec is None
-    assert CompileConfig().attention_spec is not None
+    assert CompileConfig().attention_spec is None  # opt-in: it costs PSNR on the reference model
+    assert CompileConfig(quantize_attention=True).attention_spec is not None

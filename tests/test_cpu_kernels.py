@@ -180,5 +180,6 @@ def test_every_branch_runs_fastgelu_with_its_bias_and_integer_gemms_with_theirs(
         with_bias = [n for n in branch.node if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7]
         assert len(with_bias) == 5 * blocks  # q, k, v, attention out, fc2
     assert artifact.manifest["fusion"]["fused_layers"] == len(result.quantized_layers)
-    summary = artifact.manifest["lowering"]["passes"][0]["summary"]
+    summary = next(p["summary"] for p in artifact.manifest["lowering"]["passes"]
+                   if p["name"] == "fold_bias_into_integer_gemm")
     assert summary.startswith(f"folded {2 * 5 * blocks} biases into MatMulIntegerToFloat")

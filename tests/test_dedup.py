@@ -110,7 +110,8 @@ def test_artifact_of_an_original_dit_checkpoint_stores_the_embedder_once(tmp_pat
     assert embedder and all(name.startswith(EMBEDDER.format(0)) for name in embedder)  # stored once
     ops = Counter(n.op_type for n in onnx_model.graph.node)
     assert ops["Sin"] == 2  # block 0's embedder and the final layer's call of it, instead of one per block + 1
-    # one activation quantizer for SiLU(embedding), read by every block's adaLN linear; 4 more per block
+    # one activation quantizer for SiLU(embedding), read by every block's adaLN linear; 4 more per block for the
+    # linears' inputs (attention stays in float by default)
     assert ops["QuantizeLinear"] == 1 + 4 * BLOCKS
     assert artifact.manifest["fusion"]["fused_layers"] == len(result.quantized_layers) == 7 * BLOCKS
     x, t, y = example_inputs(dict(model.config), batch=2, seed=3)

@@ -70,7 +70,7 @@ def test_annotate_honours_rules():
 
 
 def test_calibrate_keys_by_timestep_and_restores_the_graph():
-    gm, ctx, _ = _traced()
+    gm, ctx, _ = _traced(config=CompileConfig(calibration=CONFIG.calibration, quantize_attention=True))
     AnnotateLinearQuantization().run(gm, ctx)
     code, before = gm.code, _run(gm)
     result = CollectActivationStats().run(gm, ctx)
