@@ -18,6 +18,7 @@ A plot shows each row's relative denoiser error per timestep on the FP32 traject
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import sys
 import tempfile
@@ -219,18 +220,24 @@ def write_report(results, per_timestep, failed: dict[str, str], args, out: Path,
     if failed:
         lines += ["", "Rows that did not compile (not in the table):", ""]
         lines += [f"- {label}: {message}" for label, message in failed.items()]
-    lines += ["", "![per-timestep error](quality_timestep_error.png)", "",
-              f"![samples, {args.steps[0]} steps](quality_samples.png)", ""]
+    lines += ["", f"![per-timestep error]({args.out.stem}_timestep_error.png)", "",
+              f"![samples, {args.steps[0]} steps]({args.out.stem}_samples.png)", ""]
     lines += findings(results, per_timestep, args)
     out.write_text("\n".join(lines) + "\n")
 
 
 def baseline_of(label: str) -> str | None:
-    """The row a ditq row is compared with: the same grouping with the minmax recipe, and for a grouped
-    minmax row, minmax with one group. None for the peers and for ditq W8A8 minmax itself."""
+    """The row a ditq row is compared with: a rotated row without its rotation, a row with integer attention
+    with the same configuration in float attention (and one with the embedders quantized with them in float), a recipe row the same
+    configuration with the minmax recipe, and any other minmax row, W8A8 minmax with one group. None for the
+    peers and for ditq W8A8 minmax itself."""
     options = qr.DITQ_ROWS.get(label)
     if options is None or label == qr.BASE:
         return None
+    for option in ("rotate", "quantize_attention", "quantize_embedders"):
+        if option in options:
+            want = {k: v for k, v in options.items() if k != option}
+            return next((other for other, o in qr.DITQ_ROWS.items() if o == want), qr.BASE)
     if options.get("recipe", "minmax") != "minmax":
         want = {**options, "recipe": "minmax"}
         return next((other for other, o in qr.DITQ_ROWS.items() if o == want), None)
@@ -270,6 +277,16 @@ def findings(results: dict, per_timestep: dict, args) -> list[str]:
         lines.append(f"- {steps} steps, KID: {len(same_as_fp)} of {len(at) - 1} rows within noise of FP32 (its own KID "
                      f"{fp.kid:.0f} ± {fp.kid_std:.0f}, paired differences within twice their jackknife std)"
                      + (f"; further from FP32: {', '.join(distinct)}." if distinct else "."))
+        by_format: dict[str, list[str]] = {}
+        for label in at:
+            if label in qr.DITQ_ROWS:
+                by_format.setdefault(qr.DITQ_ROWS[label]["format"], []).append(label)
+        for fmt, labels in by_format.items():
+            best = max(labels, key=lambda label: at[label].psnr)
+            lines.append(f"- {steps} steps, best {fmt} row by PSNR vs FP32: {best} ({at[best].psnr:.2f} dB, "
+                         f"KID {at[best].kid:.0f} vs FP32's {fp.kid:.0f}); worst: "
+                         f"{min(labels, key=lambda label: at[label].psnr)} "
+                         f"({min(at[label].psnr for label in labels):.2f} dB), of {len(labels)} rows.")
         compared = [(label, baseline_of(label)) for label in at if baseline_of(label) in at]
         if not compared:
             continue
@@ -327,6 +344,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--trajectory-samples", type=int, default=20)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "quality.md")
+    parser.add_argument("--work", type=Path, help="keep the built models here and reuse those whose settings match "
+                        "(default: a temporary directory)")
     study = parser.add_argument_group("metric study (--metric-study writes --study-out instead of --out)")
     study.add_argument("--metric-study", action="store_true")
     study.add_argument("--study-samples", type=int, default=500, help="samples per row, a multiple of 100")
@@ -353,13 +372,16 @@ def main() -> None:
     labels = qr.select_rows(args.rows)
     calibration = CalibrationConfig(steps=args.calib_steps, samples=args.calib_samples,
                                     guidance_scale=args.guidance_scale)
-    with tempfile.TemporaryDirectory(prefix="ditq-quality-") as tmp:
-        rows, failed, loaded = qr.build_rows(args.checkpoint, Path(tmp), labels, calibration)
+    with contextlib.ExitStack() as stack:
+        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ditq-quality-")))
+        work.mkdir(parents=True, exist_ok=True)
+        rows, failed, loaded = qr.build_rows(args.checkpoint, work, labels, calibration)
         print(f"built {len(rows)} rows in {time.perf_counter() - start:.0f} s", flush=True)
         results, samples_by_row, per_timestep = evaluate(rows, loaded, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot_timestep_error(per_timestep, args.out.parent / "quality_timestep_error.png", args.steps[0])
-    plot_samples(samples_by_row, args.out.parent / "quality_samples.png", args.steps[0])
+    # The plots are named after --out, so a second table (e.g. docs/quality_formats.md) keeps its own.
+    plot_timestep_error(per_timestep, args.out.parent / f"{args.out.stem}_timestep_error.png", args.steps[0])
+    plot_samples(samples_by_row, args.out.parent / f"{args.out.stem}_samples.png", args.steps[0])
     write_report(results, per_timestep, failed, args, args.out, time.perf_counter() - start)
     print(args.out.read_text())
 

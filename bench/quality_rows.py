@@ -10,6 +10,7 @@ and are the same for every row).
 from __future__ import annotations
 
 import fnmatch
+import re
 import time
 from pathlib import Path
 
@@ -37,6 +38,55 @@ DITQ_ROWS: dict[str, dict] = {
     recipe_label("minmax", 4, "uniform"): dict(format="w8a8", recipe="minmax", groups=4, grouping="uniform"),
     **{recipe_label(r, 4, "htg"): dict(format="w8a8", recipe=r, groups=4, grouping="htg") for r in SMOOTHING_RECIPES},
 }
+
+LOW_BIT_FORMATS = ("w4a8", "fp8", "fp4")
+ROTATED_RECIPES = ("minmax", "smoothquant")
+
+
+def format_label(format: str, recipe: str, groups: int = 4, grouping: str = "htg", rotate: str = "none") -> str:
+    """The label of a low-bit row: ``ditq <FORMAT> <recipe>[, <groups> groups <grouping>][, <rotate> rotation]``."""
+    name = {"w4a8": "W4A8", "fp8": "FP8", "fp4": "FP4 (W4A4)"}[format]
+    return (f"ditq {name} {recipe}" + ("" if groups == 1 else f", {groups} groups {grouping}")
+            + ("" if rotate == "none" else f", {rotate} rotation"))
+
+
+# Low-bit rows (issue: formats): every format with every recipe at 4 HTG groups, and with Hadamard rotation for
+# minmax and SmoothQuant; integer attention on (--quantize-attention), to see what it costs at W8A8.
+DITQ_ROWS.update({
+    **{format_label(f, r): dict(format=f, recipe=r, groups=4, grouping="htg")
+       for f in LOW_BIT_FORMATS for r in SMOOTHING_RECIPES},
+    **{format_label(f, r, rotate="hadamard"): dict(format=f, recipe=r, groups=4, grouping="htg", rotate="hadamard")
+       for f in LOW_BIT_FORMATS for r in ROTATED_RECIPES},
+    "ditq W8A8 minmax, integer attention": dict(format="w8a8", recipe="minmax", quantize_attention=True),
+    "ditq W8A8 minmax, 4 groups htg, integer attention": dict(format="w8a8", recipe="minmax", groups=4,
+                                                               grouping="htg", quantize_attention=True),
+    # issue 11: the embedders' linears and the final layer quantized too (--quantize-embedders)
+    "ditq W8A8 minmax, embedders and final layer quantized": dict(format="w8a8", recipe="minmax",
+                                                                   quantize_embedders=True),
+})
+
+# Reconstruction (issue 10): W4A8 and FP4 on the best recipe with 4 HTG groups, plus each --reconstruct method
+# (its default 200 iterations per block). The row without a method is the format row above. Set the recipe here
+# once the formats' rows say which one is best.
+RECONSTRUCTION_RECIPES = {"w4a8": "ptq4dit", "fp4": "ptq4dit"}
+RECONSTRUCTION_METHODS = ("gptq", "brecq", "bkd")
+
+
+def reconstruction_label(format: str, method: str) -> str:
+    """``ditq W4A8 <recipe>, 4 groups htg + <method>``."""
+    return f"{format_label(format, RECONSTRUCTION_RECIPES[format])} + {method}"
+
+
+DITQ_ROWS.update({
+    reconstruction_label(f, m): dict(format=f, recipe=r, groups=4, grouping="htg", reconstruct=m)
+    for f, r in RECONSTRUCTION_RECIPES.items() for m in RECONSTRUCTION_METHODS})
+
+
+def reconstruction_quality_rows() -> list[str]:
+    """The reconstruction rows and the rows they are compared with (the same format and recipe without it)."""
+    return [label for f, r in RECONSTRUCTION_RECIPES.items()
+            for label in (format_label(f, r), *(reconstruction_label(f, m) for m in RECONSTRUCTION_METHODS))]
+
 
 ALL_ROWS: tuple[str, ...] = (FP32, *QUANTIZE_STATIC_ROWS, *DITQ_ROWS)
 
@@ -75,6 +125,15 @@ def ort_denoiser(path: Path, threads: int = 2):
     return denoise
 
 
+def row_slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def row_directory(work: Path, label: str) -> Path:
+    """Where a ditq row's artifact is built: named after the label, so a run with ``--work`` can reuse it."""
+    return work / f"ditq-{row_slug(label)}"
+
+
 def build_rows(checkpoint: Path, work: Path, labels: list[str], calibration
                ) -> tuple[dict[str, Path], dict[str, str], object]:
     """Export / quantize / compile the models of ``labels`` into ``work``. Returns label -> ONNX model path,
@@ -101,13 +160,19 @@ def build_rows(checkpoint: Path, work: Path, labels: list[str], calibration
             paths[label] = work / f"qs-{index}.onnx"
             quantize_static_baseline(paths[FP32], paths[label], batches, matmul_only=QUANTIZE_STATIC_ROWS[label])
         elif label in DITQ_ROWS:
+            config = CompileConfig(calibration=calibration, **DITQ_ROWS[label])
+            directory, record = row_directory(work, label), work / f"{row_slug(label)}.config"
+            if record.is_file() and record.read_text() == repr(config) and (directory / "model.onnx").is_file():
+                paths[label] = directory / "model.onnx"  # built by an earlier run into the same --work
+                print(f"{label}: reused from {directory}", flush=True)
+                continue
             try:
-                artifact = compile_checkpoint(loaded.source, work / f"ditq-{index}",
-                                              CompileConfig(calibration=calibration, **DITQ_ROWS[label]))
+                artifact = compile_checkpoint(loaded.source, directory, config, force=directory.exists())
             except DitqError as exc:
                 failed[label] = str(exc)
                 print(f"{label}: did not compile: {exc}", flush=True)
                 continue
+            record.write_text(repr(config))
             paths[label] = artifact.model_path
         if label != FP32:
             print(f"{label}: built in {time.perf_counter() - start:.0f} s", flush=True)

@@ -5,8 +5,8 @@ quantization parameters are chosen: minmax, ...), layer rules (which linear laye
 calibration settings. The CLI and the Python API both build a :class:`CompileConfig`; passes only read it.
 
 Layer selection precedence (documented in the README): the format's default set is applied first
-(every linear of the transformer blocks: q, k, v, out projection, fc1, fc2 and the adaLN modulation),
-then the user's rules in the order given; a later rule wins over an earlier one. A rule whose pattern
+(every linear of the transformer blocks: q, k, v, out projection, fc1, fc2 and the adaLN modulation; with
+``quantize_embedders`` also the timestep/class embedders' linears and the final layer), then the user's rules in the order given; a later rule wins over an earlier one. A rule whose pattern
 matches no linear layer of the model is an error, not a silent no-op.
 """
 
@@ -103,6 +103,19 @@ WEIGHT_CLIPS: dict[str, str] = {
     "percentile": "PTQ4DiT: clip at the 0.999/0.9999/0.99999 quantile or the max, lowest error per channel",
     "mse": "clip at 0.5..1.0 of the max, lowest (for FP4: activation-weighted) error per channel",
 }
+ACTIVATION_MODES: dict[str, str] = {
+    "static": "activation scales calibrated per tensor and timestep group, fixed in the artifact",
+    "dynamic": "activations quantized by the kernel at run time (cpu target, int8/int4 layers): "
+               "DynamicQuantizeMatMul, uint8 over the whole tensor, for per-channel weights; MatMulNBits at "
+               "accuracy level 4, int8 per token and weight block, for --weight-block",
+}
+# --weight-block B: int4 weights with one scale per B inputs of each output channel, run as MatMulNBits. The
+# default stays per output channel: measured on the 2-core x86 CPU (AVX2), MatMulNBits at every block size
+# and accuracy level was 1.2-3x slower than per-channel int4 behind Cast -> MatMulIntegerToFloat in every run
+# (one linear and the whole DiT-S/2; docs/benchmarks.md).
+WEIGHT_BLOCKS = (32, 64, 128)
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     """Where an artifact runs (``--target``): the ONNX Runtime provider, and the numeric choices that
@@ -195,6 +208,22 @@ class CalibrationConfig:
         check_seed(self.seed)
 
 
+RECONSTRUCTIONS: dict[str, str] = {
+    "none": "nearest rounding of the chosen parameters",
+    "gptq": "GPTQ: per layer, Hessian X^T X of its calibration inputs, column-wise error-compensating rounding "
+            "onto the format's grid (int4, int8, FP4)",
+    "brecq": "BRECQ: per DiT block, AdaRound soft rounding plus learned activation step sizes, trained against "
+             "the float block's output",
+    "bkd": "DilateQuant's block-wise distillation: per block, the rounding, weight step sizes and each timestep "
+           "group's own activation scale and zero point (temporal parallel quantizer)",
+}
+RECONSTRUCT_WEIGHTS: dict[str, str] = {
+    "pooled": "one learned weight per layer, trained on every timestep group's rows (stored once)",
+    "per-group": "each timestep group learns (and stores) its own copy of every weight",
+}
+MAX_RECONSTRUCT_ITERS = 1_000_000
+
+
 GROUPINGS: dict[str, str] = {
     "uniform": "equal ranges of timesteps",
     "htg": "bottom-up clustering of neighbouring timesteps by their channel shift and range (HTG)",
@@ -222,7 +251,9 @@ class CompileConfig:
     # Hadamard rotation of the quantized inputs (passes/rotation.py): none | hadamard.
     rotate: str = "none"
     # Integer attention (q, k, v and the softmax output in uint8): None = on where the target runs it (cpu).
-    quantize_attention: bool | None = None
+    quantize_attention: bool = False
+    # Also quantize the family's optional roles (DiT: the timestep/class embedders' linears and the final layer).
+    quantize_embedders: bool = False
     # Mixed precision: move the K most sensitive inputs' layers up a precision, or as many as fit the budget.
     keep_sensitive: int = 0
     budget_mb: float | None = None
@@ -230,6 +261,16 @@ class CompileConfig:
     verify_fusion: bool = True
     # Where the artifact runs: cpu | cuda | tensorrt (TARGETS).
     target: str = "cpu"
+    # Activations: static (calibrated) or dynamic (ACTIVATION_MODES); int4 weight block size (None: per channel).
+    act: str = "static"
+    weight_block: int | None = None
+    # Reconstruction after the parameters are chosen (passes/reconstruct): none | gptq | brecq | bkd, training
+    # iterations per block (brecq, bkd), a wall-clock budget in minutes for the whole pass (None: no limit), and
+    # whether timestep groups share each learned weight (RECONSTRUCT_WEIGHTS).
+    reconstruct: str = "none"
+    reconstruct_iters: int = 200
+    time_budget_min: float | None = None
+    reconstruct_weights: str = "pooled"
 
     def validate(self) -> "CompileConfig":
         if self.format not in FORMATS:
@@ -261,7 +302,6 @@ class CompileConfig:
                               f"{', '.join(SCALE_SHARING)}")
         if self.weight_range not in WEIGHT_RANGES:
             raise ConfigError(f"unknown --weight-range {self.weight_range!r}; choose one of {', '.join(WEIGHT_RANGES)}")
-        self.attention_spec  # noqa: B018  (refuses --quantize-attention on a target that cannot run it)
         if self.rotate not in ROTATIONS:
             raise ConfigError(f"unknown --rotate {self.rotate!r}; choose one of {', '.join(ROTATIONS)}")
         if not isinstance(self.keep_sensitive, int) or self.keep_sensitive < 0:
@@ -275,14 +315,54 @@ class CompileConfig:
             raise ConfigError(f"unknown --weight-clip {self.weight_clip!r}; choose one of {', '.join(WEIGHT_CLIPS)}")
         if self.target not in TARGETS:
             raise ConfigError(f"unknown --target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        self._validate_reconstruction()
         precisions = {self.format_spec.precision} | {r.precision for r in self.layer_rules}
+        self._validate_lowbit_kernels(precisions)
         if self.target == "cuda" and "fp8" in precisions:
             raise ConfigError("--target cuda does not take fp8 layers: ONNX Runtime's CUDA provider has no FP8 GEMM "
                               "for Q/DQ graphs and MatMulNBits takes int4/int8 weights; use --target tensorrt for FP8")
         if self.target == "tensorrt" and "fp4" in precisions:
             raise ConfigError("--target tensorrt does not take fp4 layers: ditq's FP4 runs exactly on int8 kernels "
                               "with uint8 activations (TensorRT's FP4 is NVFP4 on Blackwell); use --target cpu")
+        _ = self.attention_spec  # refuses --quantize-attention where no integer kernel can take it
         return self
+
+    def _validate_lowbit_kernels(self, precisions: set[str]) -> None:
+        """--weight-block and --act dynamic: only where a kernel runs them (one line each)."""
+        if self.act not in ACTIVATION_MODES:
+            raise ConfigError(f"unknown --act {self.act!r}; choose one of {', '.join(ACTIVATION_MODES)}")
+        if self.weight_block is not None:
+            if self.weight_block not in WEIGHT_BLOCKS:
+                raise ConfigError(f"--weight-block must be one of {', '.join(map(str, WEIGHT_BLOCKS))}, got "
+                                  f"{self.weight_block}")
+            if "int4" not in precisions:
+                raise ConfigError("--weight-block applies to int4 weights: use --format w4a8 (or --layer PATTERN=int4)")
+            if self.target != "cpu":
+                raise ConfigError(f"--weight-block runs on --target cpu only (MatMulNBits with block-wise scales); "
+                                  f"--target {self.target} takes per-channel int4 weights: drop --weight-block")
+        if self.act == "dynamic":
+            if self.target != "cpu":
+                raise ConfigError(f"--act dynamic runs on --target cpu only (ONNX Runtime's DynamicQuantizeMatMul "
+                                  f"and MatMulNBits); --target {self.target} takes static activations")
+            others = sorted(p for p in precisions if p not in ("int8", "int4", "fp", "default"))
+            if others:
+                raise ConfigError(f"--act dynamic applies to int8 and int4 layers only (ONNX Runtime has no fused "
+                                  f"dynamic kernel for {'/'.join(others)}): use --act static")
+            if self.reconstruct != "none":
+                raise ConfigError("--act dynamic has no calibrated activation parameters to reconstruct: "
+                                  "use --act static with --reconstruct")
+
+    def _validate_reconstruction(self) -> None:
+        from .limits import check_int, check_real
+
+        if self.reconstruct not in RECONSTRUCTIONS:
+            raise ConfigError(f"unknown --reconstruct {self.reconstruct!r}; choose one of {', '.join(RECONSTRUCTIONS)}")
+        check_int(self.reconstruct_iters, "--reconstruct-iters", 0, MAX_RECONSTRUCT_ITERS)
+        if self.time_budget_min is not None:
+            check_real(self.time_budget_min, "--time-budget", 0.0, 7 * 24 * 60.0, "minutes; a week at most")
+        if self.reconstruct_weights not in RECONSTRUCT_WEIGHTS:
+            raise ConfigError(f"unknown --reconstruct-weights {self.reconstruct_weights!r}; choose one of "
+                              f"{', '.join(RECONSTRUCT_WEIGHTS)}")
 
     @property
     def format_spec(self) -> FormatSpec:
@@ -320,6 +400,8 @@ class CompileConfig:
 
     def weight_spec_for(self, precision: str) -> QuantizerSpec:
         spec = FORMATS[PRECISIONS[precision]].weight
+        if spec.dtype == "int4" and self.weight_block is not None:
+            return QuantizerSpec.integer("int4", "block", True, block_size=self.weight_block)
         if spec.dtype == "int8" and self.weight_range == "reduced":
             return QuantizerSpec.integer("int8", spec.granularity, spec.symmetric, bits=7)
         return spec
@@ -327,19 +409,28 @@ class CompileConfig:
     @property
     def attention_spec(self) -> QuantizerSpec | None:
         """q, k, v and the softmax output in uint8 affine per tensor: ONNX Runtime's CPU provider runs
-        QK^T and PV on its integer kernels (uint8 x uint8, which cannot saturate). Off on the GPU targets,
-        where ditq lowers attention to the providers' fused float attention."""
-        wanted = self.quantize_attention if self.quantize_attention is not None else self.target == "cpu"
-        if not wanted:
+        QK^T and PV on its integer kernels (uint8 x uint8, which cannot saturate). Off by default: on the
+        reference model it costs 3.4 dB of PSNR at 25 steps (33.8 dB against 37.2 dB with float attention),
+        below the regression guard of tests/test_reference_model.py."""
+        integer_inputs = self.format_spec.activation.dtype != "float8e4m3fn" and self.act != "dynamic"
+        if not self.quantize_attention:
             return None
         if self.target != "cpu":
             raise ConfigError("--quantize-attention runs on the cpu target only (the GPU targets fuse attention "
                               "in float); drop it or use --target cpu")
+        if not integer_inputs:
+            raise ConfigError("--quantize-attention needs static integer activations (PV's integer kernel writes "
+                              "into the output projection's input grid); drop it with --format fp8 or --act dynamic")
         return QuantizerSpec.integer("uint8", "tensor", False)
 
     def activation_spec_for(self, precision: str) -> QuantizerSpec | None:
-        """The format's activation quantizer as the target takes it (see :class:`TargetSpec`)."""
-        return self.target_spec.activation_for(FORMATS[PRECISIONS[precision]].activation)
+        """The format's activation quantizer as the target takes it (see :class:`TargetSpec`); with ``--act
+        dynamic``, the run-time quantizer of the kernel the layer becomes."""
+        spec = self.target_spec.activation_for(FORMATS[PRECISIONS[precision]].activation)
+        if spec is not None and self.act == "dynamic":
+            block = self.weight_spec_for(precision).block_size
+            return QuantizerSpec.dynamic_activation(block)
+        return spec
 
     @property
     def target_spec(self) -> TargetSpec:
@@ -350,9 +441,11 @@ class CompileConfig:
 
     def select_layers(self, layer_names: list[str]) -> dict[str, str | None]:
         """The precision of each of ``layer_names`` (None: kept in float), after the family's default set
-        (the format's precision) and the rules (later rules win)."""
+        (the format's precision; its optional roles too with ``quantize_embedders``) and the rules (later rules
+        win)."""
         default = self.format_spec.precision
-        decision = {name: default if DIT.quantized_by_default(name) else None for name in layer_names}
+        decision = {name: default if DIT.quantized_by_default(name, self.quantize_embedders) else None
+                    for name in layer_names}
         for rule in self.layer_rules:
             matched = [name for name in layer_names if fnmatch.fnmatchcase(name, rule.pattern)]
             if not matched:
@@ -376,10 +469,15 @@ class CompileConfig:
             "weight_range": self.weight_range,
             "weight_clip": self.effective_weight_clip,
             "rotate": self.rotate,
+            "act": self.act,
+            "weight_block": self.weight_block,
             "quantize_attention": self.attention_spec is not None,
+            "quantize_embedders": self.quantize_embedders,
             "mixed_precision": {"keep_sensitive": self.keep_sensitive, "budget_mb": self.budget_mb},
             "layer_rules": [{"pattern": r.pattern, "precision": r.precision} for r in self.layer_rules],
             "grouping": {"groups": self.groups, "method": self.grouping},
+            "reconstruction": {"method": self.reconstruct, "iterations": self.reconstruct_iters,
+                               "time_budget_min": self.time_budget_min, "weights": self.reconstruct_weights},
             "calibration": {
                 "steps": self.calibration.steps,
                 "samples": self.calibration.samples,

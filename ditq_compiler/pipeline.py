@@ -30,6 +30,7 @@ def build_passes(config: CompileConfig) -> list[GraphPass]:
     from .passes.dedup import DeduplicateSubgraphs
     from .passes.attention import InsertAttentionQDQ
     from .passes.rotation import RotateHadamard
+    from .passes.reconstruct import reconstruction_passes
 
     return [
         DeduplicateSubgraphs(),  # right after tracing: identical subgraphs computed and stored once
@@ -39,6 +40,7 @@ def build_passes(config: CompileConfig) -> list[GraphPass]:
         GroupTimesteps(config.groups, config.grouping),
         SplitTimestepGroups(),
         *recipe_passes(config),
+        *reconstruction_passes(config),  # learned rounding, after the parameters are chosen (--reconstruct)
         InsertQuantDequant(),
         *([InsertAttentionQDQ()] if config.attention_spec is not None else []),
     ]
@@ -86,6 +88,10 @@ def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfi
         gm = trace_dit(loaded.model, check_inputs, own_tensors=not drop_model)
     if drop_model:
         loaded.model = None  # the graph holds its tensors now; passes may rewrite them
+    if config.layer_rules:  # a rule matching no layer is refused now, not after minutes of calibration
+        from .tracing import linear_sites
+
+        config.select_layers(list(dict.fromkeys(site.module for site in linear_sites(gm))))
     ctx = CompileContext(config, loaded.model_config, loaded.scheduler_config, check_inputs)
     manager = PassManager(build_passes(config), instruments or [])
     gm = manager.run(gm, ctx)
@@ -158,6 +164,7 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
     from .exporters import export_onnx, fusion_report, save_onnx
     from .exporters.lowering import lower
     from .exporters.ort_inspect import INTEGER_ATTENTION_OPS, attention_kernels
+    from .passes.reconstruct import reconstruction_records
     from .progress import phase
 
     check_output_dir(output_dir, force)  # refuse a user's directory before minutes of work, not after
@@ -210,6 +217,10 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
                     "passes": [{"name": r.name, "modified": r.modified, "summary": r.summary} for r in lowered.records]}
         compile_log["lowering"] = [{"name": r.name, "seconds": round(r.seconds, 3)} for r in lowered.records]
         manifest = build_manifest(result, fusion, files)
+        reconstruction, reconstruction_log = reconstruction_records(result.pass_manager.passes)
+        if reconstruction is not None:  # errors in the manifest; time and peak memory in the compile log
+            manifest["reconstruction"] = {**manifest["reconstruction"], "report": reconstruction}
+            compile_log["reconstruction"] = reconstruction_log
         manifest["layers"] = {key: record.to_manifest() for key, record in lowered_layers.items()}
         write_manifest(staging, {**manifest, "lowering": lowering, "numerics": numerics_manifest(numerics)},
                        compile_log)

@@ -53,6 +53,17 @@ def test_layer_rule_from_the_command_line(tiny_dit_dir, tmp_path):
     assert "proj_out_2" in layers and not any(name.startswith("transformer_blocks.1.") for name in layers)
 
 
+def test_quantize_embedders_from_the_command_line(tiny_dit_dir, tmp_path):
+    artifact = tmp_path / "art"
+    assert main(["compile", str(tiny_dit_dir), "-o", str(artifact), *FAST, "--quantize-embedders"]) == 0
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    layers = manifest["quantized_layers"]
+    assert {"proj_out_1", "proj_out_2"} <= set(layers)
+    assert any(".norm1.emb.timestep_embedder.linear_1" in name for name in layers)
+    assert manifest["quantize_embedders"] is True
+    assert manifest["fusion"]["fused_layers"] == len(layers)  # every one an integer kernel
+
+
 @pytest.mark.parametrize("args, message", [
     (["compile", "/no/such/dit", "-o", "OUT"], "checkpoint not found"),
     (["compile", "TINY", "-o", "OUT", "--format", "w3a1"], "unknown format 'w3a1'"),
@@ -60,6 +71,8 @@ def test_layer_rule_from_the_command_line(tiny_dit_dir, tmp_path):
     (["compile", "TINY", "-o", "OUT", "--layer", "*.ff.*=int3"], "must look like PATTERN=int8|int4|fp8|fp4|fp"),
     (["compile", "TINY", "-o", "OUT", "--rotate", "givens"], "unknown --rotate 'givens'"),
     (["compile", "TINY", "-o", "OUT", "--weight-clip", "max"], "unknown --weight-clip 'max'"),
+    (["compile", "TINY", "-o", "OUT", "--format", "w4a8", "--weight-block", "48"], "--weight-block must be one of 32, 64, 128"),
+    (["compile", "TINY", "-o", "OUT", "--format", "fp8", "--act", "dynamic"], "--act dynamic applies to int8 and int4"),
     (["compile", "TINY", "-o", "OUT", "--recipe", "secret"], "unknown recipe 'secret'"),
     (["compile", "TINY", "-o", "OUT", "--layer", "blocks.*=fp", *FAST], "matches no linear layer"),
     (["compile", "TINY", "-o", "OUT", "--calib-steps", "0"], "--calib-steps must be at least 1"),

@@ -35,6 +35,14 @@ def test_rule_can_quantize_a_default_fp_layer():
     assert decision["proj_out_1"] and decision["proj_out_2"]
 
 
+def test_quantize_embedders_adds_the_embedders_and_the_final_layer_and_rules_still_win():
+    config = CompileConfig(quantize_embedders=True)
+    assert all(config.select_layers(LAYERS).values())
+    decision = config.with_rules(LayerRule.parse("proj_out_2=fp")).select_layers(LAYERS)
+    assert [name for name, q in decision.items() if not q] == ["proj_out_2"]
+    assert config.to_manifest()["quantize_embedders"] is True
+
+
 def test_pattern_matching_nothing_is_an_error():
     with pytest.raises(ConfigError, match="matches no linear layer"):
         CompileConfig().with_rules(LayerRule("blocks.*.attn", False)).select_layers(LAYERS)

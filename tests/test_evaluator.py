@@ -133,7 +133,12 @@ def test_row_registry_has_every_recipe_at_one_and_four_htg_groups_and_valid_conf
         assert qr.DITQ_ROWS[qr.recipe_label(recipe, 4, "htg")] == dict(format="w8a8", recipe=recipe, groups=4,
                                                                        grouping="htg")
     assert qr.recipe_label("minmax", 4, "uniform") in qr.DITQ_ROWS
-    assert len(qr.DITQ_ROWS) == 2 * len(qr.SMOOTHING_RECIPES) + 1
+    w8a8 = [o for o in qr.DITQ_ROWS.values()
+            if o["format"] == "w8a8" and not {"quantize_attention", "quantize_embedders"} & o.keys()]
+    assert len(w8a8) == 2 * len(qr.SMOOTHING_RECIPES) + 1
+    for fmt in qr.LOW_BIT_FORMATS:
+        for recipe in qr.SMOOTHING_RECIPES:
+            assert qr.DITQ_ROWS[qr.format_label(fmt, recipe)]["format"] == fmt
     for options in qr.DITQ_ROWS.values():
         CompileConfig(**options).validate()
 
@@ -144,7 +149,10 @@ def test_row_filter_takes_substrings_and_globs_and_keeps_fp32():
     assert qr.select_rows(None) == list(qr.ALL_ROWS)
     assert qr.select_rows(["*W8A8 minmax"]) == [qr.FP32, qr.BASE]
     assert qr.select_rows(["MATMUL"]) == [qr.FP32, qr.QS_MATMUL]
-    assert qr.select_rows(["vidit"]) == [qr.FP32, "ditq W8A8 vidit", "ditq W8A8 vidit, 4 groups htg"]
+    assert qr.select_rows(["W8A8 vidit"]) == [qr.FP32, "ditq W8A8 vidit", "ditq W8A8 vidit, 4 groups htg"]
+    vidit = qr.select_rows(["vidit"])  # a substring: every format's vidit rows, in registry order
+    assert vidit[:3] == qr.select_rows(["W8A8 vidit"]) and len(vidit) > 3
+    assert all("vidit" in label for label in vidit[1:])
     with pytest.raises(SystemExit, match="matches no row"):
         qr.select_rows(["no such row"])
 
