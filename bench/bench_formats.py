@@ -164,15 +164,16 @@ def report_lines(results: list[dict], layer: dict[str, float] | None, args) -> l
         fp32 = result["latency"][FP32]
         lines += [f"### DiT-{result['size']}/2", "",
                   f"Held-out timesteps: {', '.join(map(str, result['timesteps']))}.", "",
-                  "| variant | model.onnx MB | latency ms | vs FP32 | rel. L2 error | kernels |",
-                  "|---|---:|---:|---:|---:|---|",
-                  f"| {FP32} | {result['sizes'][FP32]:.1f} | {fp32:.1f} | 1.00x | 0 | MatMul, Gemm |"]
+                  "| variant | model.onnx MB | latency ms | vs FP32 | rel. L2 error | kernels | compile s |",
+                  "|---|---:|---:|---:|---:|---|---:|",
+                  f"| {FP32} | {result['sizes'][FP32]:.1f} | {fp32:.1f} | 1.00x | 0 | MatMul, Gemm | |"]
         for name in result["kernels"]:
             kernels = ", ".join(f"{op} {count}" for op, count in sorted(result["kernels"][name].items()))
             lines.append(f"| {name} | {result['sizes'][name]:.1f} | {result['latency'][name]:.1f} | "
-                         f"{fp32 / result['latency'][name]:.2f}x | {result['errors'][name]:.4f} | {kernels} |")
+                         f"{fp32 / result['latency'][name]:.2f}x | {result['errors'][name]:.4f} | {kernels} | "
+                         f"{result['seconds'][name]:.0f} |")
         for name, why in result["failed"].items():
-            lines.append(f"| {name} | | | | | failed: {why} |")
+            lines.append(f"| {name} | | | | | failed: {why} | |")
         lines.append("")
     if layer:
         fp32 = layer["FP32 MatMul"]

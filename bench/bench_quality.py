@@ -344,8 +344,9 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--trajectory-samples", type=int, default=20)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "quality.md")
-    parser.add_argument("--work", type=Path, help="keep the built models here and reuse those whose settings match "
-                        "(default: a temporary directory)")
+    parser.add_argument("--work", type=Path, help="keep the built models here and reuse those built from the same "
+                        "checkpoint and configuration (default: a temporary directory); empty it after changing "
+                        "the compiler")
     study = parser.add_argument_group("metric study (--metric-study writes --study-out instead of --out)")
     study.add_argument("--metric-study", action="store_true")
     study.add_argument("--study-samples", type=int, default=500, help="samples per row, a multiple of 100")

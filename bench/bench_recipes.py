@@ -26,11 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import SHAPES, latency_feeds, random_dit  # noqa: E402
-from common import file_size_mb, latencies_ms, machine_description  # noqa: E402
+from common import file_size_mb, latencies_ms, machine_description, write_marked_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- recipes-bench:begin -->", "<!-- recipes-bench:end -->"
+BLOCK = "recipes-bench"  # the markers of this section in docs/benchmarks.md
 ROWS: dict[str, dict] = {  # label -> CompileConfig keyword arguments (all W8A8)
     "smoothquant, unfoldable skip": dict(recipe="smoothquant", unfoldable="skip"),
     "smoothquant, unfoldable mul": dict(recipe="smoothquant", unfoldable="mul"),
@@ -71,35 +71,28 @@ def run(args) -> list[str]:
                                           CompileConfig(format="w8a8", calibration=calibration, **options))
             manifest = json.loads((artifact.path / "manifest.json").read_text())
             paths[label] = artifact.model_path
+            fusion = manifest["fusion"]  # the compile refuses an artifact with an unfused layer
             facts[label] = dict(size=file_size_mb(artifact.model_path), muls=graph_op_count(artifact.model_path, "Mul"),
-                                fusion=manifest.get("fusion", {}))
+                                fused=f"{fusion['fused_layers']} of {fusion['quantized_layers']}")
             del artifact
         latency = latencies_ms(paths, latency_feeds(2), rounds=args.rounds)
     skip, mul = "smoothquant, unfoldable skip", "smoothquant, unfoldable mul"
     one, shared, per_group = "htg, 1 group", "htg, 4 groups, scales shared", "htg, 4 groups, scales per group"
-    lines = [BEGIN, f"## Recipe options: what they cost (DiT-{args.model}/2 shape, W8A8)", "",
+    lines = [f"## Recipe options: what they cost (DiT-{args.model}/2 shape, W8A8)", "",
              f"Written by `python bench/bench_recipes.py --model {args.model}` on {datetime.date.today().isoformat()}; "
              f"{machine_description()}; random weights, batch 2, ONNX Runtime CPU provider with 2 threads, median of "
              f"{args.rounds} interleaved rounds; calibration {args.calib_samples} samples x {args.calib_steps} steps.", "",
-             "| configuration | size MB | latency ms | Mul nodes in the graph |", "|---|---:|---:|---:|"]
-    lines += [f"| {label} | {facts[label]['size']:.2f} | {latency[label]:.1f} | {facts[label]['muls']} |"
-              for label in ROWS]
+             "| configuration | size MB | latency ms | Mul nodes in the graph | layers fused |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {label} | {facts[label]['size']:.2f} | {latency[label]:.1f} | {facts[label]['muls']} | "
+              f"{facts[label]['fused']} |" for label in ROWS]
     lines += ["", f"- `--unfoldable mul` adds {facts[mul]['muls'] - facts[skip]['muls']} Mul nodes and changes latency by "
               f"{100 * (latency[mul] / latency[skip] - 1):+.1f}% ({latency[skip]:.1f} -> {latency[mul]:.1f} ms) "
               "against `skip`.",
               f"- HTG, 4 groups: a shared smoothing scale costs {1000 * (facts[shared]['size'] - facts[one]['size']) / 3:.1f} "
               f"kB per extra group; a scale per group costs {1000 * (facts[per_group]['size'] - facts[one]['size']) / 3:.1f} "
-              "kB per extra group (each group's folded weights).", END]
+              "kB per extra group (each group's folded weights).", ""]
     return lines
-
-
-def write_section(lines: list[str]) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + "\n".join(lines) + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
-    DOCS.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = run(args)
     print("\n".join(lines))
     if not args.print_only:
-        write_section(lines)
+        write_marked_block(DOCS, BLOCK, lines)
         print(f"wrote a section of {DOCS.relative_to(ROOT)}")
     return 0
 

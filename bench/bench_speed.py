@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import fuse_attention, gelu_kernels, perturb_shared_embedders, strip_branch_value_info, unfold_biases  # noqa: E402
 from common import (PROFILE_CATEGORIES, PhaseMemorySampler, close_sessions, export_fp32, file_size_mb, latencies_ms,  # noqa: E402
-                    machine_description, marked_block, profile_by_op, quantize_static_baseline, relative_l2, run_child,
+                    machine_description, MARKER, marked_blocks, profile_by_op, quantize_static_baseline, relative_l2, run_child,
                     run_output, trajectory_batches)
 
 SHAPES = {  # DiT paper sizes: heads, head width (hidden = heads x width), depth
@@ -283,7 +283,8 @@ def ablation_lines(ablation: dict, batch: int) -> list[str]:
     mha = latency[MHA] / latency[DITQ]
     lines += [f"ONNX Runtime's fused attention (`com.microsoft.MultiHeadAttention`, float, on the float q, k, v the "
               f"integer GEMMs produce) runs the model at {mha:.2f}x the time of integer attention: "
-              + ("slower, so ditq keeps integer attention and does not emit it." if mha >= 1 else
+              + ("slower, so ditq does not emit it (integer attention, opt-in, or float attention, the default)."
+                 if mha >= 1 else
                  "faster here; ditq does not emit it yet (this run says it should be tried as a lowering)."),
               "", f"Deduplication: {ablation['dedup'][DITQ]} (the variant: {ablation['dedup'][NO_DEDUP]}).", ""]
     if ablation["gelu"]:
@@ -330,7 +331,6 @@ def goal_lines(result: dict, batch: int) -> list[str]:
 
 
 SECTION = "## DiT-"
-FORMATS_BLOCK = "formats-bench"  # the section bench/bench_formats.py writes between its markers
 
 
 def write_report(results: list[dict], args, path: Path) -> None:
@@ -434,7 +434,8 @@ def write_report(results: list[dict], args, path: Path) -> None:
         del lines[section_start:]
     for size in [*SHAPES, *[s for s in sections if s not in SHAPES]]:
         lines += sections.get(size, [])
-    lines += ["", *marked_block(path, FORMATS_BLOCK)]  # bench_formats.py's section, kept as it is
+    for block in marked_blocks(path):  # the sections other benchmarks write between their markers, kept as they are
+        lines += ["", *block]
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
 
 
@@ -443,8 +444,8 @@ def _old_sections(path: Path) -> dict[str, list[str]]:
     sections: dict[str, list[str]] = {}
     current = None
     for line in path.read_text().splitlines():
-        if line == f"<!-- {FORMATS_BLOCK}:begin -->":
-            current = None  # bench_formats.py's section: not part of a model's
+        if MARKER.fullmatch(line.strip()):
+            current = None  # another benchmark's marked section: not part of a model's
         if line.startswith(SECTION):
             current = line[len(SECTION):].split("/", 1)[0]
             sections[current] = []

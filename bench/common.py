@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import platform
 import statistics
 import time
@@ -284,16 +285,25 @@ def run_child(args: list[str]) -> tuple[int, float, int]:
     return process.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024  # Linux: kilobytes
 
 
-def marked_block(path: Path, name: str) -> list[str]:
-    """The lines of ``path`` from ``<!-- NAME:begin -->`` to ``<!-- NAME:end -->`` (both kept), or []: a section
-    another script owns, which a script that rewrites the file keeps as it is."""
+MARKER = re.compile(r"<!-- ([\w-]+):(begin|end) -->")
+
+
+def marked_blocks(path: Path) -> list[list[str]]:
+    """Every ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->`` block of ``path`` (markers kept), in file order:
+    the sections other scripts own, which a script that rewrites the file keeps as they are."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    if begin not in lines or end not in lines:
-        return []
-    return lines[lines.index(begin):lines.index(end) + 1]
+    blocks, current, name = [], None, None
+    for line in path.read_text().splitlines():
+        marker = MARKER.fullmatch(line.strip())
+        if current is None and marker and marker[2] == "begin":
+            current, name = [], marker[1]
+        if current is not None:
+            current.append(line)
+            if marker and marker[2] == "end" and marker[1] == name:
+                blocks.append(current)
+                current = None
+    return blocks
 
 
 def write_marked_block(path: Path, name: str, body: list[str]) -> None:

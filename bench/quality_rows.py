@@ -162,7 +162,8 @@ def build_rows(checkpoint: Path, work: Path, labels: list[str], calibration
         elif label in DITQ_ROWS:
             config = CompileConfig(calibration=calibration, **DITQ_ROWS[label])
             directory, record = row_directory(work, label), work / f"{row_slug(label)}.config"
-            if record.is_file() and record.read_text() == repr(config) and (directory / "model.onnx").is_file():
+            settings = f"{loaded.source}\n{config!r}"  # the checkpoint and the configuration it was built with
+            if record.is_file() and record.read_text() == settings and (directory / "model.onnx").is_file():
                 paths[label] = directory / "model.onnx"  # built by an earlier run into the same --work
                 print(f"{label}: reused from {directory}", flush=True)
                 continue
@@ -172,7 +173,7 @@ def build_rows(checkpoint: Path, work: Path, labels: list[str], calibration
                 failed[label] = str(exc)
                 print(f"{label}: did not compile: {exc}", flush=True)
                 continue
-            record.write_text(repr(config))
+            record.write_text(settings)
             paths[label] = artifact.model_path
         if label != FP32:
             print(f"{label}: built in {time.perf_counter() - start:.0f} s", flush=True)

@@ -99,7 +99,7 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
                                "is ordinary quantized weights and parameters, on the same fused kernels")
     parser.add_argument("--reconstruct-iters", type=int, default=200, metavar="N",
                         help="training iterations per DiT block for brecq and bkd (default 200); 0 keeps nearest "
-                             "rounding for every method (the artifact is then byte-identical to --reconstruct none)")
+                             "rounding for every method (model.onnx is then byte-identical to --reconstruct none's)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                         help="wall-clock minutes for the whole reconstruction, shared among the blocks; training "
                              "stops cleanly when it is spent, keeping each block's best parameters so far "

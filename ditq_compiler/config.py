@@ -250,7 +250,7 @@ class CompileConfig:
     weight_clip: str | None = None
     # Hadamard rotation of the quantized inputs (passes/rotation.py): none | hadamard.
     rotate: str = "none"
-    # Integer attention (q, k, v and the softmax output in uint8): None = on where the target runs it (cpu).
+    # Integer attention (q, k, v and the softmax output in uint8, cpu target): opt-in, it costs PSNR.
     quantize_attention: bool = False
     # Also quantize the family's optional roles (DiT: the timestep/class embedders' linears and the final layer).
     quantize_embedders: bool = False
@@ -340,6 +340,9 @@ class CompileConfig:
             if self.target != "cpu":
                 raise ConfigError(f"--weight-block runs on --target cpu only (MatMulNBits with block-wise scales); "
                                   f"--target {self.target} takes per-channel int4 weights: drop --weight-block")
+            if self.reconstruct != "none":
+                raise ConfigError("--reconstruct learns per-channel weight grids, not --weight-block's blocks: drop "
+                                  "--weight-block (per-channel int4) to reconstruct")
         if self.act == "dynamic":
             if self.target != "cpu":
                 raise ConfigError(f"--act dynamic runs on --target cpu only (ONNX Runtime's DynamicQuantizeMatMul "

@@ -52,11 +52,7 @@ class AnnotateLinearQuantization(GraphPass):
             spec = LinearQuantSpec(
                 layer=site.layer, module=site.module, role=ctx.family.role_of(site.module), input_key=input_key,
                 weight=weight, activation=activation,
-                # QGemm's int32 bias (CPU target only) needs an integer input scale; weight-only and FP8
-                # layers, and the other targets' kernels, keep a float bias
-                bias="int32" if config.target_spec.int32_bias and two_d and site.bias is not None
-                and activation is not None and not activation.dynamic
-                and activation.dtype != "float8e4m3fn" and weight.block_size is None else "float",
+                bias=bias_form(config, two_d, site.bias is not None, weight, activation),
             )
             site.node.meta[SPEC_KEY] = spec
             annotated += 1
@@ -68,6 +64,15 @@ class AnnotateLinearQuantization(GraphPass):
                    f"({len(set(input_keys.values()))} distinct input tensors to quantize)"
                    + (f" and {attention} attention calls (q, k, v, softmax output in uint8)" if attention else ""))
         return PassResult(gm, modified=annotated > 0, summary=summary, details=details)
+
+
+def bias_form(config, two_d: bool, has_bias: bool, weight, activation) -> str:
+    """"int32" where the layer becomes ``QGemm`` (CPU target, 2-d input: the adaLN modulation), whose bias is
+    quantized with ``s_x * s_w`` and so needs a static integer input scale; "float" for every other kernel
+    (weight-only, FP8, block-wise int4 on ``MatMulNBits``, dynamic activations, the GPU targets)."""
+    integer_gemm = (config.target_spec.int32_bias and two_d and has_bias and activation is not None
+                    and not activation.dynamic and activation.dtype != "float8e4m3fn" and weight.block_size is None)
+    return "int32" if integer_gemm else "float"
 
 
 def annotate_attention(gm, ctx, details: list[str]) -> int:
@@ -96,7 +101,7 @@ def annotate_attention(gm, ctx, details: list[str]) -> int:
             and is_call(value.args[0].args[0], aten.linear.default)
         reason = ("it has a mask" if mask is not None else "it has dropout" if dropout else "it is causal" if causal
                   else None if chain_ok else "V does not come from a linear through the heads reshape")
-        reason = reason or _why_output_not_integer(node)
+        reason = reason or why_attention_output_not_integer(node)
         if reason:
             details.append(f"keep fp   {layer} attention ({reason})")
             continue
@@ -108,7 +113,7 @@ def annotate_attention(gm, ctx, details: list[str]) -> int:
     return count
 
 
-def _why_output_not_integer(sdpa) -> str | None:
+def why_attention_output_not_integer(sdpa) -> str | None:
     """PV runs on ``QLinearMatMul`` only when its output is requantized to an integer grid, which is the
     output projection's static input quantizer. Say why not when that projection stays in float, takes FP8
     (no integer kernel), or quantizes its input at run time."""

@@ -199,7 +199,8 @@ class InsertQuantDequant(BranchPass):
             graph.erase_node(node)
             counts["layers"] += 1
             details.append(f"{spec.layer}: {spec.weight.dtype} weight {tuple(weight_q.shape)}"
-                           + (f", input scale {act.scale:.4g}" if act is not None else "") + shared_note)
+                           + (", input quantized at run time" if spec.activation is not None and spec.activation.dynamic
+                              else f", input scale {act.scale:.4g}" if act is not None else "") + shared_note)
         counts["activation quantizers"] = sum(1 for key in dequantized_inputs if ":dynamic" not in key)
         counts["dynamic activations"] = len(dequantized_inputs) - counts["activation quantizers"]
         counts["dropped float tensors"] = self._drop_unused(gm, float_tensors)

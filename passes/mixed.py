@@ -27,8 +27,9 @@ from torch import fx
 from ..errors import ConfigError
 from ..grouped import get_tensor
 from ..pass_manager import GraphPass, PassResult
-from ..qspec import PARAMS_KEY, SPEC_KEY
+from ..qspec import ATTENTION_KEY, ATTENTION_PARAMS_KEY, PARAMS_KEY, SPEC_KEY
 from ..quantizers import fake_quantize_activation, fake_quantize_weight
+from .annotate import bias_form, why_attention_output_not_integer
 
 UPGRADE = {"int4": "int8", "fp4": "int8", "int8": "fp", "float8e4m3fn": "fp"}
 BYTES_PER_WEIGHT = {"int4": 0.5, "fp4": 0.5, "int8": 1.0, "float8e4m3fn": 1.0, "fp": 4.0}
@@ -103,12 +104,13 @@ class MixedPrecision(GraphPass):
                                         f"(max relative output error {score[key]:.3g} when quantized alone)"})
                 for gm in branches:
                     self._move(gm, layer, precision, ctx.config)
+        declined = self._decline_attention(branches) if moved else []
         ctx.mixed_precision = {"policy": self._policy(), "kept": moved,
                                "sensitivity": {layer: {str(g): round(v, 6) for g, v in per.items()}
                                                for layer, per in sensitivity.items()}}
         details = [f"{layer}: sensitivity " + ", ".join(f"g{g} {v:.3g}" for g, v in per.items())
                    for layer, per in sorted(sensitivity.items(), key=lambda item: -max(item[1].values()))]
-        details += [f"moved {m['layer']} to {m['precision']}: {m['reason']}" for m in moved]
+        details += [f"moved {m['layer']} to {m['precision']}: {m['reason']}" for m in moved] + declined
         summary = (f"measured the sensitivity of {len(sensitivity)} layers in {len(branches)} timestep groups; "
                    f"{self._policy()}: moved {len(moved)} layers ({len(chosen)} inputs) up: "
                    + (", ".join(f"{m['layer']} -> {m['precision']}" for m in moved) or "none"))
@@ -142,6 +144,20 @@ class MixedPrecision(GraphPass):
         return chosen
 
     @staticmethod
+    def _decline_attention(branches) -> list[str]:
+        """Integer attention needs its output projection's integer input grid (annotate's check): a layer
+        moved to fp (or FP8) takes it away, so that attention goes back to float, with the reason."""
+        declined = {}
+        for gm in branches:
+            for node in gm.graph.nodes:
+                reason = why_attention_output_not_integer(node) if ATTENTION_KEY in node.meta else None
+                if reason:
+                    layer = node.meta.pop(ATTENTION_KEY).layer
+                    node.meta.pop(ATTENTION_PARAMS_KEY, None)
+                    declined[layer] = f"keep fp   {layer} attention ({reason})"
+        return list(declined.values())
+
+    @staticmethod
     def _move(gm, layer: str, precision: str, config) -> None:
         for node in gm.graph.nodes:
             spec = node.meta.get(SPEC_KEY)
@@ -151,10 +167,10 @@ class MixedPrecision(GraphPass):
             if precision == "fp":
                 node.meta.pop(SPEC_KEY)
                 continue
-            activation = config.activation_spec_for(precision)
-            bias = spec.bias if activation is not None and activation.dtype != "float8e4m3fn" else "float"
-            node.meta[SPEC_KEY] = dataclasses.replace(spec, weight=config.weight_spec_for(precision),
-                                                      activation=activation, bias=bias)
+            activation, weight = config.activation_spec_for(precision), config.weight_spec_for(precision)
+            two_d, has_bias = node.args[0].meta["val"].dim() == 2, len(node.args) > 2 and node.args[2] is not None
+            node.meta[SPEC_KEY] = dataclasses.replace(spec, weight=weight, activation=activation,
+                                                      bias=bias_form(config, two_d, has_bias, weight, activation))
 
 
 def _ordinal(n: int) -> str:

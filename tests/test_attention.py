@@ -105,3 +105,34 @@ def test_gpu_targets_refuse_attention_quantization():
     assert CompileConfig(target="cuda").attention_spec is None
     assert CompileConfig().attention_spec is None  # opt-in: it costs PSNR on the reference model
     assert CompileConfig(quantize_attention=True).attention_spec is not None
+
+
+@pytest.mark.parametrize("options", [dict(format="fp8"), dict(act="dynamic")])
+def test_attention_quantization_needs_static_integer_activations(options):
+    with pytest.raises(ConfigError, match="--quantize-attention needs static integer activations"):
+        CompileConfig(quantize_attention=True, **options).validate()
+
+
+@pytest.mark.parametrize("precision, reason", [("fp", "its output projection keeps a float input"),
+                                               ("fp8", "its output projection takes an FP8 input")])
+def test_attention_is_declined_where_the_output_projection_has_no_integer_grid(precision, reason):
+    """PV's integer kernel writes into the output projection's input grid: without one, attention stays float."""
+    from test_smoothing import modulated_dit
+
+    from ditq_compiler.config import LayerRule
+    from ditq_compiler.context import CompileContext
+    from ditq_compiler.passes import AnnotateLinearQuantization
+    from ditq_compiler.loading import DEFAULT_SCHEDULER_CONFIG
+    from ditq_compiler.tracing import trace_dit
+
+    model = modulated_dit()
+    config = CompileConfig(calibration=CALIB, quantize_attention=True).with_rules(
+        LayerRule("transformer_blocks.0.attn1.to_out.0", precision))
+    inputs = example_inputs(dict(model.config), batch=2)
+    gm = trace_dit(model, inputs)
+    result = AnnotateLinearQuantization().run(gm, CompileContext(config, dict(model.config),
+                                                                 dict(DEFAULT_SCHEDULER_CONFIG), inputs))
+    annotated = [n.meta[ATTENTION_KEY].layer for n in gm.graph.nodes if ATTENTION_KEY in n.meta]
+    assert annotated == LAYERS[1:]  # block 0's attention declined, block 1's kept
+    assert any(line.startswith(f"keep fp   {LAYERS[0]} attention ({reason}") for line in result.details), \
+        result.details

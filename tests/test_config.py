@@ -76,3 +76,8 @@ def test_calibration_bounds():
         CompileConfig(calibration=CalibrationConfig(steps=0)).validate()
     with pytest.raises(ConfigError, match="--calib-samples"):
         CompileConfig(calibration=CalibrationConfig(samples=0)).validate()
+
+
+def test_block_wise_weights_are_not_reconstructed():
+    with pytest.raises(ConfigError, match="--reconstruct learns per-channel weight grids"):
+        CompileConfig(format="w4a8", weight_block=64, reconstruct="gptq").validate()

@@ -217,6 +217,12 @@ def test_zero_iterations_give_the_nearest_rounding_artifact(tiny_dit_dir, tmp_pa
     assert nearest.model_path.read_bytes() == zero.model_path.read_bytes()
     record = next(r for r in result.pass_manager.records if r.name == "reconstruct")
     assert not record.modified and "nearest rounding kept" in record.summary
+    # the manifests differ only in saying what was asked and that nothing was trained (no error figures)
+    assert zero.manifest["reconstruction"]["report"]["skipped"] == "no iterations (--reconstruct-iters 0)"
+    assert "block_error" not in zero.manifest["reconstruction"]["report"]
+    differing = {k for k in nearest.manifest.keys() | zero.manifest.keys()
+                 if nearest.manifest.get(k) != zero.manifest.get(k)}
+    assert differing <= {"reconstruction", "passes", "integrity", "manifest_sha256"}, differing
 
 
 @pytest.mark.slow

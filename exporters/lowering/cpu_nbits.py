@@ -254,7 +254,8 @@ class _RefuseIfLowered(LoweringPass):
         made = [node for node in all_nodes(model.graph) if node.metadata_props.get(PASS_KEY) == self.forward]
         if made:
             raise ArtifactError(f"{len(made)} layers run as {made[0].op_type} ({self.forward}: --weight-block or "
-                                "--act dynamic), which only the cpu target runs; recompile for the new target")
+                                "--act dynamic), which ditq lower cannot take back; compile the checkpoint again "
+                                "with the options you want")
         return False, f"nothing to raise: {self.forward} rewrote no layer"
 
 

@@ -6,7 +6,7 @@ the float model, after ChooseQuantParams, and fold the result into the ordinary 
 * ``gptq`` (Frantar et al. 2022, ``gptq.py``): per layer, error-compensating rounding with the Hessian ``X^T X``
   of the layer's inputs, block by block on the inputs from the model quantized so far;
 * ``brecq`` (Li et al. 2021, ``adaround.py``): per DiT block, AdaRound's soft rounding plus LSQ activation step
-  sizes, trained against the float block's output; PTQ4DiT's W4A8 depends on it (FID 9.17 -> 108 without);
+  sizes, trained against the float block's output; PTQ4DiT's W4A8 depends on it (FID 9.17 with it, 108 without);
 * ``bkd`` (DilateQuant, ``bkd.py``): per block, the same loss, with every timestep group's own activation scale
   and zero point (the temporal parallel quantizer), the weights' rounding and step sizes.
 
@@ -38,6 +38,7 @@ from .cache import PeakMemory
 from .gptq import reconstruct_block_gptq
 from .layerwise import reconstruct_outside
 from .materialize import materialize
+from .segments import SegmentUnsupported
 
 GPTQ = MethodSpec("gptq", "GPTQ (Frantar et al. 2022): Hessian-based error-compensating rounding, layer by layer")
 METHODS: dict[str, MethodSpec] = {m.name: m for m in (GPTQ, BRECQ, BKD)}
@@ -57,6 +58,7 @@ class ReconstructionReport:
     start_bytes: int = 0
     seconds: float = 0.0
     cached_bytes: int = 0
+    skipped: str | None = None  # why nothing was trained (nearest rounding kept), or None
 
     @property
     def nearest_error(self) -> float:
@@ -104,17 +106,24 @@ class Reconstruct(GraphPass):
         self.report = ReconstructionReport(name)
         if self.iterations == 0 or self.time_budget_min == 0:
             why = "--reconstruct-iters 0" if self.iterations == 0 else "--time-budget 0"
-            return PassResult(module, False, f"{name}: no iterations ({why}): nearest rounding kept")
+            self.report.skipped = f"no iterations ({why})"
+            return PassResult(module, False, f"{name}: {self.report.skipped}: nearest rounding kept")
         deadline = None if self.time_budget_min is None else time.monotonic() + 60.0 * self.time_budget_min
         note = f"reconstructed by {name}"
+        try:
+            return self._reconstruct(module, ctx, name, deadline, note)
+        except SegmentUnsupported as error:  # a model ditq cannot cut into blocks: one line, not a traceback
+            raise PassPreconditionError(self.name, f"{error}; compile with --reconstruct none") from error
+
+    def _reconstruct(self, module, ctx, name: str, deadline: float | None, note: str) -> PassResult:
         with PeakMemory() as memory:
             run = BlockwiseRun(module, ctx, self.method, weights_per_group=self.weights == "per-group", seed=self.seed)
             plans = run.registry.plans.values()
             if all(plan.frozen_reason for plan in plans):
                 run.close()
                 reasons = sorted({plan.frozen_reason for plan in plans}) or ["no quantized layer"]
-                return PassResult(module, False, f"{name}: nothing to learn ({'; '.join(reasons)}): nearest "
-                                                 "rounding kept")
+                self.report.skipped = f"nothing to learn ({'; '.join(reasons)})"
+                return PassResult(module, False, f"{name}: {self.report.skipped}: nearest rounding kept")
             try:
                 settings = None if name == "gptq" else self.settings
                 self.report.outside = reconstruct_outside(run, settings, deadline)
@@ -143,8 +152,11 @@ class Reconstruct(GraphPass):
             return {"name": b.name, "layers": b.layers, "nearest_error": round(b.nearest_error, 6),
                     "error": round(b.error, 6), "iterations": b.iterations, "stopped_by_budget": b.stopped_by_budget}
 
-        return {"method": self.method.name, "paper": self.method.paper, "iterations": self.iterations,
-                "time_budget_min": self.time_budget_min, "weights": self.weights,
+        settings = {"method": self.method.name, "paper": self.method.paper, "iterations": self.iterations,
+                    "time_budget_min": self.time_budget_min, "weights": self.weights}
+        if report.skipped is not None:  # nothing measured: no error figures that would read as zero error
+            return {**settings, "skipped": report.skipped}
+        return {**settings,
                 "block_error": {"nearest": round(report.nearest_error, 6), "reconstructed": round(report.error, 6)},
                 "blocks": [unit(b) for b in report.blocks], "outside_blocks": [unit(b) for b in report.outside],
                 "learned": dict(report.counts), "kept_nearest": dict(report.frozen)}
@@ -212,7 +224,7 @@ def reconstruction_records(passes) -> tuple[dict | None, dict | None]:
 
 
 def reconstruction_passes(config) -> list[GraphPass]:
-    """The pass ``recipe_passes`` appends after the parameters are chosen (none for ``--reconstruct none``)."""
+    """The pass ``pipeline.build_passes`` runs after the parameters are chosen (none for ``--reconstruct none``)."""
     if config.reconstruct == "none":
         return []
     return [Reconstruct(config.reconstruct, config.reconstruct_iters, config.time_budget_min,

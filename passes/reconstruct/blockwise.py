@@ -223,7 +223,7 @@ class BlockwiseRun:
         self.segments = [partition(gm) for gm in self.branches]
         names = [[s.name for s in segments] for segments in self.segments]
         if any(n != names[0] for n in names[1:]):
-            raise RuntimeError("timestep-group branches are cut into different blocks")
+            raise SegmentUnsupported("timestep-group branches are cut into different blocks")
         self.registry = QuantizerRegistry(module, method, weights_per_group, self.segments)
         self.weights_per_group = weights_per_group
         self.store = ValueStore()

@@ -46,10 +46,7 @@ from ...quantizers import (FP4_ZERO_POINT, activation_qdq, fake_quantize_activat
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid
 
-try:  # integer attention (passes/attention.py); absent in a tree without it
-    from ...qspec import ATTENTION_KEY, ATTENTION_PARAMS_KEY
-except ImportError:  # pragma: no cover - depends on the tree
-    ATTENTION_KEY = ATTENTION_PARAMS_KEY = None
+from ...qspec import ATTENTION_KEY, ATTENTION_PARAMS_KEY  # integer attention (passes/attention.py)
 
 
 class _RoundSTE(torch.autograd.Function):

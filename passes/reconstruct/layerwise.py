@@ -46,21 +46,24 @@ def _captured(run, layers) -> dict[int, dict[str, torch.Tensor]]:
 
 
 def reconstruct_outside(run, settings: TrainSettings | None, deadline: float | None) -> list[BlockReport]:
-    layers = outside_layers(run)
+    """Layer-wise reconstruction of the quantized layers outside the DiT blocks (the adaLN of the final layer,
+    the embedders with ``--quantize-embedders``). Under a time budget each of them is a unit like a block: it
+    gets an equal share of the time left, so the blocks that follow keep theirs."""
+    layers = {key: sites for key, sites in outside_layers(run).items() if not run.registry.plans[key].frozen_reason}
     if not layers:
         return []
     captured = _captured(run, layers)
+    blocks = sum(segment.is_block for segment in run.segments[0])
     reports = []
-    for key, sites in layers.items():
-        plan = run.registry.plans[key]
-        if plan.frozen_reason:
-            continue
+    for done, (key, sites) in enumerate(layers.items()):
         start = time.perf_counter()
+        share = None if deadline is None else \
+            time.monotonic() + max(deadline - time.monotonic(), 0) / (len(layers) - done + blocks)
         sites = [(group, node) for group, node in sites if group in captured]
         if settings is None:
-            reports.append(_gptq_layer(run, key, sites, captured, start))
+            reports.append(_gptq_layer(run, key, sites, captured, share, start))
         else:
-            reports.append(_trained_layer(run, key, sites, captured, settings, deadline, start))
+            reports.append(_trained_layer(run, key, sites, captured, settings, share, start))
     return reports
 
 
@@ -68,7 +71,7 @@ def _rows(captured, group, node) -> torch.Tensor:
     return captured[group][node.meta[SPEC_KEY].input_key]
 
 
-def _gptq_layer(run, key, sites, captured, start) -> BlockReport:
+def _gptq_layer(run, key, sites, captured, deadline, start) -> BlockReport:
     plan = run.registry.plans[key]
     quantizer = run.registry.weight_for(*sites[0])
     hessian = None
@@ -76,6 +79,9 @@ def _gptq_layer(run, key, sites, captured, start) -> BlockReport:
         hessian = hessian_add(hessian, _rows(captured, group, node))
     scale = quantizer.scale0[:, None]
     before = output_error(plan.weight, quantizer.nearest * scale, hessian)
+    if deadline is not None and time.monotonic() >= deadline:  # out of time: nearest rounding kept
+        return BlockReport(plan.spec.layer, 1, before, before, 0, True, time.perf_counter() - start,
+                           [(plan.spec.layer, before, before)])
     integers = gptq_integers(plan.weight, hessian, quantizer.scale0, quantizer.spec, quantizer.grid)
     after = before if integers is None else output_error(plan.weight, integers * scale, hessian)
     if after < before:
@@ -91,7 +97,8 @@ def _trained_layer(run, key, sites, captured, settings, deadline, start) -> Bloc
         modules[group] = run.registry.linear_for(group)(node)
         rows = _rows(captured, group, node)
         weight = get_tensor(run.branches[group], node.args[1].target)
-        bias = get_tensor(run.branches[group], node.args[2].target) if len(node.args) > 2 else None
+        bias = get_tensor(run.branches[group], node.args[2].target) \
+            if len(node.args) > 2 and node.args[2] is not None else None
         chunks = list(rows.tensor_split(max(run.chunks.get(group, 1), 1)))
         inputs[group] = chunks
         with torch.no_grad():
