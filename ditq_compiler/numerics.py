@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import quant_ops  # noqa: F401  (registers the torch.ops.ditq ops named below)
+
 REL_L2_TOLERANCE = 1e-3
 MAX_ERROR_TOLERANCE = 1e-2
 SENSITIVITY_FACTOR = 3.0
@@ -98,16 +100,22 @@ class NumericsReport:
                                     "timesteps": c.timesteps} for g, c in self.per_group.items()}}
 
 
+ROUNDING_OPS = (torch.ops.ditq.quantize.default, torch.ops.ditq.dynamic_quantize.default,
+                torch.ops.ditq.round_to_grid.default)
+
+
 class _PerturbedQuantizers(torch.fx.Interpreter):
-    """Runs a branch with the input of every quantize op (calibrated or dynamic) perturbed by ``PERTURBATION``
-    relative noise."""
+    """Runs a branch with the input of every rounding op (calibrated or dynamic quantize, FP4's grid rounding)
+    perturbed by ``PERTURBATION`` relative noise."""
 
     def __init__(self, gm, seed: int):
         super().__init__(gm)
         self.generator = torch.Generator().manual_seed(seed)
 
     def call_function(self, target, args, kwargs):
-        if target in (torch.ops.ditq.quantize.default, torch.ops.ditq.dynamic_quantize.default):
+        # every op that rounds: quantize, dynamic quantize, and FP4's round_to_grid, whose output the quantize
+        # after it maps exactly (perturbing only that quantize's input would never flip an FP4 rounding)
+        if target in ROUNDING_OPS:
             x = args[0]
             noise = torch.randn(x.shape, generator=self.generator, dtype=torch.float32)
             args = (x * (1 + PERTURBATION * noise), *args[1:])

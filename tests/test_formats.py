@@ -511,3 +511,18 @@ def test_hadamard_rotation_keeps_the_function_in_float32():
     assert float((rotated - reference).abs().max() / reference.abs().max()) <= 1e-5
     ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     assert ops.count("aten.unflatten.int") == 8  # one online rotation per input that has no fold
+
+
+def test_the_numeric_check_perturbs_fp4_grid_rounding():
+    """FP4 activations are rounded by ``round_to_grid`` before an exact quantize: the sensitivity probe must
+    perturb that rounding too, or it reports zero sensitivity and any honest rounding flip fails the compile."""
+    from ditq_compiler.numerics import _PerturbedQuantizers
+
+    class RoundFP4(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.ditq.round_to_grid.default(x, torch.tensor(1.0), "e2m1")
+
+    gm = torch.fx.symbolic_trace(RoundFP4())
+    midpoints = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 200)  # ties: any noise flips them
+    moved = _PerturbedQuantizers(gm, seed=0).run(midpoints)
+    assert (moved != gm(midpoints)).float().mean() > 0.25
