@@ -227,14 +227,15 @@ def write_report(results, per_timestep, failed: dict[str, str], args, out: Path,
 
 
 def baseline_of(label: str) -> str | None:
-    """The row a ditq row is compared with: a rotated row without its rotation, a row with integer attention
-    with the same configuration in float attention (and one with the embedders quantized with them in float), a recipe row the same
-    configuration with the minmax recipe, and any other minmax row, W8A8 minmax with one group. None for the
-    peers and for ditq W8A8 minmax itself."""
+    """The row a ditq row is compared with: a reconstructed row without its reconstruction, a rotated row
+    without its rotation, a row with integer attention with the same configuration in float attention (and one
+    with the embedders quantized with them in float), a recipe row the same configuration with the minmax
+    recipe, and any other minmax row, W8A8 minmax with one group. None for the peers and for ditq W8A8 minmax
+    itself."""
     options = qr.DITQ_ROWS.get(label)
     if options is None or label == qr.BASE:
         return None
-    for option in ("rotate", "quantize_attention", "quantize_embedders"):
+    for option in ("reconstruct", "rotate", "quantize_attention", "quantize_embedders"):
         if option in options:
             want = {k: v for k, v in options.items() if k != option}
             return next((other for other, o in qr.DITQ_ROWS.items() if o == want), qr.BASE)

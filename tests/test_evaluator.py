@@ -173,6 +173,8 @@ def test_findings_compare_each_recipe_with_minmax_at_the_same_grouping():
     assert baseline_of("ditq W8A8 htg, 4 groups htg") == "ditq W8A8 minmax, 4 groups htg"
     assert baseline_of("ditq W8A8 minmax, 4 groups uniform") == qr.BASE
     assert baseline_of(qr.BASE) is None and baseline_of(qr.QS_ALL) is None
+    for method in qr.RECONSTRUCTION_METHODS:  # a reconstruction is compared with the same row without it
+        assert baseline_of(qr.reconstruction_label("w4a8", method)) == "ditq W4A8 ptq4dit, 4 groups htg"
 
     tight = [0.0, 0.01, -0.01, 0.0]  # leave-one-out values barely move: small jackknife errors
     results = {
