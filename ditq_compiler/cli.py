@@ -67,7 +67,7 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-attention", action=argparse.BooleanOptionalAction, default=False,
                         help="quantize q, k, v and the softmax output to uint8 so ONNX Runtime runs QK^T and PV on "
                              "its integer kernels (--target cpu, static integer activations). Off by default: "
-                             "faster, but it cost 3.4 dB PSNR on the reference model at 25 steps")
+                             "faster, but it costs PSNR on the reference model (docs/quality.md)")
     parser.add_argument("--quantize-embedders", action="store_true",
                         help="also quantize the timestep/class embedders' linears and the final layer (proj_out_1, "
                              "proj_out_2) at the format's precision; they stay in float by default (the class "
@@ -95,7 +95,7 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reconstruct", default="none", metavar="METHOD",
                         help="learn the weights' rounding against the float model after the parameters are chosen: "
                              + "; ".join(f"{n}: {d}" for n, d in RECONSTRUCTIONS.items())
-                             + " (default none). Block inputs are cached on disk (one block in memory); the result "
+                             + " (default none). Block inputs are cached on disk between blocks; the result "
                                "is ordinary quantized weights and parameters, on the same fused kernels")
     parser.add_argument("--reconstruct-iters", type=int, default=200, metavar="N",
                         help="training iterations per DiT block for brecq and bkd (default 200); 0 keeps nearest "
