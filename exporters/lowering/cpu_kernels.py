@@ -45,13 +45,15 @@ from . import LoweringPass, all_nodes
 
 MICROSOFT = "com.microsoft"
 _EIGHT_BIT = (ir.DataType.UINT8, ir.DataType.INT8)
-_GELU = ("Gelu", "FastGelu", "BiasGelu")
+GELU_OPS = ("Gelu", "FastGelu", "BiasGelu")
 NOT_A_LINEAR = "not a Q/DQ MatMul with a weight"
 
 
-def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+def producer(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
+    """The node of type ``op_type`` (in ``domain``, default ONNX's) that produces ``value``, or None."""
     node = value.producer() if value is not None else None
-    return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+    domains = (domain,) if domain else ("", "ai.onnx")
+    return node if node is not None and node.op_type == op_type and (node.domain or "") in domains else None
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
@@ -62,6 +64,22 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
+
+
+PER_COLUMN_WEIGHT = "weight not int8/uint8 [K, N] dequantized per column"
+
+
+def per_column_weight(w_dq: ir.Node) -> np.ndarray | None:
+    """The constant int8/uint8 ``[K, N]`` weight that ``w_dq`` dequantizes per tensor or per column (constant
+    scale and zero point, no blocks): the weight form ONNX Runtime's integer GEMMs take. None otherwise."""
+    weight_value, scale = _constant(w_dq.inputs[0]), _constant(_input(w_dq, 1))
+    zero_point = _input(w_dq, 2)
+    if weight_value is None or weight_value.dtype not in (np.int8, np.uint8) or weight_value.ndim != 2 or \
+            scale is None or scale.size not in (1, weight_value.shape[1]) or w_dq.attributes.get_int("block_size", 0) \
+            or (scale.size > 1 and w_dq.attributes.get_int("axis", 1) not in (1, -1)) or \
+            (zero_point is not None and _constant(zero_point) is None):
+        return None
+    return weight_value
 
 
 class BiasFold:
@@ -77,8 +95,8 @@ class BiasFold:
 
 def match_bias_fold(matmul: ir.Node) -> tuple[BiasFold | None, str]:
     """The pattern around a ``MatMul``, or None and the reason it does not fit (pattern + check)."""
-    a_dq = _producer(_input(matmul, 0), "DequantizeLinear")
-    w_dq = _producer(_input(matmul, 1), "DequantizeLinear")
+    a_dq = producer(_input(matmul, 0), "DequantizeLinear")
+    w_dq = producer(_input(matmul, 1), "DequantizeLinear")
     if a_dq is None or w_dq is None or w_dq.inputs[0].const_value is None:  # attention: B is an activation
         return None, NOT_A_LINEAR
     out = matmul.outputs[0]
@@ -94,15 +112,10 @@ def match_bias_fold(matmul: ir.Node) -> tuple[BiasFold | None, str]:
     if not eight_bit or a_scale_value is None or a_scale_value.size != 1 or \
             (a_zp is not None and (a_zp_value is None or a_zp_value.size != 1)):
         return None, "input not dequantized per tensor from uint8/int8"
-    weight, b_scale, b_zp = w_dq.inputs[0], _input(w_dq, 1), _input(w_dq, 2)
-    weight_value, b_scale_value = _constant(weight), _constant(b_scale)
-    axis = w_dq.attributes.get_int("axis", 1)
-    block = w_dq.attributes.get_int("block_size", 0)
-    if weight_value is None or weight_value.dtype not in (np.int8, np.uint8) or weight_value.ndim != 2 or \
-            b_scale_value is None or b_scale_value.size not in (1, weight_value.shape[1]) or block or \
-            (b_scale_value.size > 1 and axis not in (1, -1)) or (b_zp is not None and _constant(b_zp) is None):
-        return None, "weight not int8/uint8 [K, N] dequantized per column"
-    if any(node.op_type in _GELU for node, _ in add.outputs[0].uses()):
+    weight_value = per_column_weight(w_dq)
+    if weight_value is None:
+        return None, PER_COLUMN_WEIGHT
+    if any(node.op_type in GELU_OPS for node, _ in add.outputs[0].uses()):
         return None, "feeds Gelu (ONNX Runtime fuses that bias into FastGelu(x, bias))"
     bias_value = _constant(bias)
     if bias_value is None or bias_value.dtype != np.float32:
@@ -144,7 +157,7 @@ class FoldBiasIntoIntegerGemm(LoweringPass):
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.graph is None:
                 continue
             fold, reason = match_bias_fold(node)
-            weight = _producer(_input(node, 1), "DequantizeLinear")
+            weight = producer(_input(node, 1), "DequantizeLinear")
             role = role_of.get(weight.inputs[0].name.split("__group")[0], "other") if weight is not None else "float"
             if fold is None:
                 if reason != NOT_A_LINEAR:  # float MatMuls, attention's activation x activation ones

@@ -45,20 +45,13 @@ import onnx_ir as ir
 
 from ...errors import ArtifactError
 from . import LoweringPass, all_nodes, inverse_of
+from .cpu_kernels import GELU_OPS, PER_COLUMN_WEIGHT, per_column_weight, producer
 from .shared import PASS_KEY, add_initializer, constant_array, mark_origin
 
 MS_DOMAIN = "com.microsoft"
 DITQ_DOMAIN = "ai.ditq"
 STATIC_ACCURACY_LEVEL = 1  # float32 compute of the dequantized input
 DYNAMIC_ACCURACY_LEVEL = 4  # int8 compute, the input quantized per block at run time
-_GELU = ("Gelu", "FastGelu", "BiasGelu")
-
-
-def _producer(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    if node is None or node.op_type != op_type or (node.domain or "") not in ((domain,) if domain else ("", "ai.onnx")):
-        return None
-    return node
 
 
 def _weight_layers(layers: dict) -> dict[str, list[str]]:
@@ -119,7 +112,7 @@ class BlockWeightsToMatMulNBits(LoweringPass):
         for node in list(all_nodes(model.graph)):
             if node.op_type != "MatMul" or (node.domain or "") not in ("", "ai.onnx"):
                 continue
-            dq = _producer(node.inputs[1], "DequantizeLinear")
+            dq = producer(node.inputs[1], "DequantizeLinear")
             if dq is None or dq.attributes.get_int("block_size", 0) <= 0:
                 continue
             weight, scale = dq.inputs[0], dq.inputs[1]
@@ -148,7 +141,7 @@ class BlockWeightsToMatMulNBits(LoweringPass):
             marker = None
             level = STATIC_ACCURACY_LEVEL
             if record.activation == "dynamic":
-                marker = _producer(x, "DynamicQuantizeBlock", DITQ_DOMAIN)
+                marker = producer(x, "DynamicQuantizeBlock", DITQ_DOMAIN)
                 if marker is None or marker.attributes["block_size"].as_int() != block:
                     declined.append(f"{keys[0]}: dynamic input without its block marker of size {block}")
                     continue
@@ -200,9 +193,9 @@ class DynamicInputsToDynamicQuantizeMatMul(LoweringPass):
         for node in list(all_nodes(model.graph)):
             if node.op_type != "MatMul" or (node.domain or "") not in ("", "ai.onnx"):
                 continue
-            a_dq = _producer(node.inputs[0], "DequantizeLinear")
-            dynamic = _producer(a_dq.inputs[0], "DynamicQuantizeLinear") if a_dq is not None else None
-            w_dq = _producer(node.inputs[1], "DequantizeLinear")
+            a_dq = producer(node.inputs[0], "DequantizeLinear")
+            dynamic = producer(a_dq.inputs[0], "DynamicQuantizeLinear") if a_dq is not None else None
+            w_dq = producer(node.inputs[1], "DequantizeLinear")
             if dynamic is None or w_dq is None:
                 continue
             weight = w_dq.inputs[0]
@@ -210,16 +203,13 @@ class DynamicInputsToDynamicQuantizeMatMul(LoweringPass):
             if not keys or self.layers[keys[0]].activation != "dynamic":
                 declined.append(f"{weight.name}: no recorded dynamic layer reads it")
                 continue
-            array, scale = constant_array(weight), constant_array(w_dq.inputs[1])
-            zero = w_dq.inputs[2] if len(w_dq.inputs) > 2 else None
-            axis = w_dq.attributes["axis"].as_int() if "axis" in w_dq.attributes else 1
-            if array is None or array.dtype not in (np.int8, np.uint8) or array.ndim != 2 or scale is None or \
-                    scale.size not in (1, array.shape[1]) or (scale.size > 1 and axis not in (1, -1)) or \
-                    w_dq.attributes.get_int("block_size", 0) > 0 or (zero is not None and constant_array(zero) is None):
-                declined.append(f"{keys[0]}: weight not int8/uint8 [K, N] dequantized per column")
+            array = per_column_weight(w_dq)
+            if array is None:
+                declined.append(f"{keys[0]}: {PER_COLUMN_WEIGHT}")
                 continue
+            zero = w_dq.inputs[2] if len(w_dq.inputs) > 2 else None
             add, bias = _bias_add(node, array.shape[1])
-            if add is not None and any(u.node.op_type in _GELU for u in add.outputs[0].uses()):
+            if add is not None and any(u.node.op_type in GELU_OPS for u in add.outputs[0].uses()):
                 add, bias = None, None  # ONNX Runtime fuses that bias into FastGelu(x, bias)
             inputs = [dynamic.inputs[0], weight, w_dq.inputs[1], zero] + ([bias] if bias is not None else [])
             kernel = mark_origin(ir.node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN,
