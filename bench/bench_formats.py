@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import SHAPES, eval_inputs, latency_feeds, random_dit  # noqa: E402
 from common import (close_sessions, export_fp32, file_size_mb, latencies_ms, machine_description,  # noqa: E402
-                    relative_l2, run_output, write_marked_block)
+                    relative_l2, run_output, work_directory, write_marked_block)
 
 BLOCK = "formats-bench"
 FP32 = "FP32 export"
@@ -206,12 +206,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
     args = parser.parse_args()
     layer = None if args.skip_layer else layer_bench(args)
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        results = [bench_model(size, args.keep, args) for size in args.models]
-    else:
-        with tempfile.TemporaryDirectory(prefix="ditq-formats-") as tmp:
-            results = [bench_model(size, Path(tmp), args) for size in args.models]
+    with work_directory(args.keep, "ditq-formats-") as work:
+        results = [bench_model(size, work, args) for size in args.models]
     lines = report_lines(results, layer, args)
     write_marked_block(args.out, BLOCK, lines)
     print("\n".join(lines))

@@ -18,7 +18,6 @@ A plot shows each row's relative denoiser error per timestep on the FP32 traject
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import sys
 import tempfile
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tools"))
 import quality_rows as qr  # noqa: E402
-from common import machine_description  # noqa: E402
+from common import machine_description, work_directory  # noqa: E402
 from digits import load_digits_tensors  # noqa: E402
 from evaluator import (class_kernel_distance, features_and_logits, frechet_distance, jackknife_std,  # noqa: E402
                        load_classifier, psnr_jackknife, relative_l2)
@@ -374,9 +373,7 @@ def main() -> None:
     labels = qr.select_rows(args.rows)
     calibration = CalibrationConfig(steps=args.calib_steps, samples=args.calib_samples,
                                     guidance_scale=args.guidance_scale)
-    with contextlib.ExitStack() as stack:
-        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ditq-quality-")))
-        work.mkdir(parents=True, exist_ok=True)
+    with work_directory(args.work, "ditq-quality-") as work:
         rows, failed, loaded = qr.build_rows(args.checkpoint, work, labels, calibration)
         print(f"built {len(rows)} rows in {time.perf_counter() - start:.0f} s", flush=True)
         results, samples_by_row, per_timestep = evaluate(rows, loaded, args)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import fuse_attention, gelu_kernels, perturb_shared_embedders, strip_branch_value_info, unfold_biases  # noqa: E402
 from common import (PROFILE_CATEGORIES, PhaseMemorySampler, close_sessions, export_fp32, file_size_mb, latencies_ms,  # noqa: E402
                     machine_description, MARKER, marked_blocks, profile_by_op, quantize_static_baseline, relative_l2, run_child,
-                    run_output, trajectory_batches)
+                    run_output, trajectory_batches, work_directory)
 
 SHAPES = {  # DiT paper sizes: heads, head width (hidden = heads x width), depth
     "S": dict(num_attention_heads=6, attention_head_dim=64, num_layers=12),
@@ -504,12 +504,8 @@ def main() -> None:
     if args.compare_profile:
         compare_profiles(args.compare_profile, args)
         return
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        results = [bench_model(size, args.keep, args) for size in args.models]
-    else:
-        with tempfile.TemporaryDirectory(prefix="ditq-bench-") as tmp:
-            results = [bench_model(size, Path(tmp), args) for size in args.models]
+    with work_directory(args.keep, "ditq-bench-") as work:
+        results = [bench_model(size, work, args) for size in args.models]
     write_report(results, args, args.out)
     print(args.out.read_text())
 

@@ -4,12 +4,14 @@ profile aggregated by op type, and the peak memory of a child process."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -283,6 +285,17 @@ def run_child(args: list[str]) -> tuple[int, float, int]:
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return process.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024  # Linux: kilobytes
+
+
+@contextlib.contextmanager
+def work_directory(keep: Path | None, prefix: str):
+    """``keep`` (created, and left in place) when given, else a temporary directory removed afterwards."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 MARKER = re.compile(r"<!-- ([\w-]+):(begin|end) -->")
