@@ -16,6 +16,16 @@ method and measured in bench_speed.py) in a child process of its own, so its mem
     python bench/bench_reconstruct.py                                 # both models, every method
     python bench/bench_reconstruct.py --models reference --iters 50   # a quick run
     python bench/bench_reconstruct.py --quality                       # then the W4A8/FP4 quality rows
+    python bench/bench_reconstruct.py --memory                        # memory vs depth (its own section)
+
+``--memory`` tests what the pass promises about memory: block values live on disk and one block's training state
+is held at a time, so what the pass adds must not grow with the number of blocks. It compiles the DiT-S/2 shape
+at several depths (``--depths``, default 3, 6 and 12 blocks) with each method and writes, per depth, the
+memory the pass added over its start, the resident memory when the walk reached the first and the last block,
+and the largest rise within one block (that block's working set: its two streams, its training state); and a plot
+of the resident memory block by block (docs/reconstruct_memory.png). Time is not the point there, so it runs
+``--memory-iters`` (default 20) iterations per block: the training state (rounding variables, Adam's moments)
+exists from the first step on.
 
 ``--quality`` runs bench/bench_quality.py on the rows of bench/quality_rows.py that add a reconstruction to the
 best recipe (with 4 HTG groups) and on the same rows without it (30+ minutes on a 2-core CPU); it rewrites
@@ -40,17 +50,21 @@ from common import machine_description, run_child, write_marked_block  # noqa: E
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "reconstruct-bench"
+MEMORY_SECTION = "reconstruct-memory"
+MEMORY_PLOT = ROOT / "docs" / "reconstruct_memory.png"
 REFERENCE = ROOT / "models" / "dit-digits"
 METHODS = ("none", "gptq", "brecq", "bkd")
 DIT_S = dict(num_attention_heads=6, attention_head_dim=64, num_layers=12)  # DiT-S/2: hidden 384, 12 blocks
 
 
-def random_dit_s(path: Path, seed: int = 0) -> Path:
-    """A random-weight DiT-S/2 (32x32x4 latents, 1000 classes) saved as a diffusers directory."""
+def random_dit_s(path: Path, seed: int = 0, blocks: int | None = None) -> Path:
+    """A random-weight DiT-S/2 (32x32x4 latents, 1000 classes; ``blocks`` DiT blocks, default 12) saved as a
+    diffusers directory."""
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
-    model = DiTTransformer2DModel(**DIT_S, in_channels=4, out_channels=8, sample_size=32, patch_size=2,
+    shape = {**DIT_S, **({"num_layers": blocks} if blocks else {})}
+    model = DiTTransformer2DModel(**shape, in_channels=4, out_channels=8, sample_size=32, patch_size=2,
                                   num_embeds_ada_norm=1000).eval()
     with torch.no_grad():  # adaLN-zero starts at zero; give every path signal, as a trained model has
         for parameter in model.parameters():
@@ -110,6 +124,71 @@ def table(name: str, results: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
+def memory_scaling(args, work: Path) -> list[str]:
+    """The ``reconstruct-memory`` section: what each method's pass holds at each depth (see the module doc)."""
+    settings = argparse.Namespace(**{**vars(args), "calib_steps": args.dit_s_calib_steps, "iters": args.memory_iters,
+                                     "time_budget": None})
+    methods = [m for m in args.methods if m != "none"]
+    results: dict[tuple[int, str], dict] = {}
+    for depth in args.depths:
+        checkpoint = random_dit_s(work / f"dit-s-2-{depth}-blocks", blocks=depth)
+        for method in methods:
+            result = results[depth, method] = measure(checkpoint, method, settings, work)
+            print(f"dit-s {depth} blocks {method}: {json.dumps(result.get('log') or result.get('error'))}", flush=True)
+    lines = ["## Reconstruction memory vs model depth", "",
+             f"Written by `python bench/bench_reconstruct.py --memory` on {datetime.date.today().isoformat()}; "
+             f"{machine_description()}. DiT-S/2 shape (random weights, hidden 384) cut to each depth; "
+             f"{args.format.upper()} {args.recipe}, {args.groups} groups {args.grouping}, calibration "
+             f"{args.calib_samples} samples x {args.dit_s_calib_steps} steps, `--reconstruct-iters "
+             f"{args.memory_iters}`. Resident memory is sampled every 50 ms by the pass. If the pass held more than "
+             "one block's state (block values in memory, earlier blocks' training state), what it adds would grow "
+             "with the depth.", "",
+             "| method | blocks | pass added MB | resident at first block -> at last block MB "
+             "| largest rise within one block MB | disk MB |",
+             "|---|---:|---:|---|---:|---:|"]
+    for (depth, method), r in results.items():
+        if "error" in r:
+            lines.append(f"| {method} | {depth} | failed ({r['error']}) | | | |")
+            continue
+        log = r.get("log") or {}
+        blocks = [b for b in log.get("blocks", []) if "peak_mb" in b]
+        if not blocks:
+            lines.append(f"| {method} | {depth} | {log.get('memory_over_start_mb', 0):+.0f} | — | — | — |")
+            continue
+        rise = max(b["peak_mb"] - b["resident_at_start_mb"] for b in blocks)
+        lines.append(f"| {method} | {depth} | {log.get('memory_over_start_mb', 0):+.0f} | "
+                     f"{blocks[0]['resident_at_start_mb']:.0f} -> {blocks[-1]['resident_at_start_mb']:.0f} | "
+                     f"{rise:.0f} | {log.get('cached_on_disk_mb', 0):.1f} |")
+    if not args.no_write:
+        plot_memory(results, MEMORY_PLOT)
+        lines += ["", f"![resident memory block by block]({MEMORY_PLOT.name})"]
+    return lines + [""]
+
+
+def plot_memory(results: dict[tuple[int, str], dict], path: Path) -> None:
+    """Resident memory at each block's start and its peak, block by block, one line per (method, depth)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for (depth, method), r in results.items():
+        blocks = [b for b in (r.get("log") or {}).get("blocks", []) if "peak_mb" in b]
+        if blocks:
+            line, = axis.plot(range(1, len(blocks) + 1), [b["peak_mb"] for b in blocks], marker="o", markersize=3,
+                              label=f"{method}, {depth} blocks: peak")
+            axis.plot(range(1, len(blocks) + 1), [b["resident_at_start_mb"] for b in blocks], linestyle=":",
+                      color=line.get_color())
+    axis.set_xlabel("DiT block (walk order)")
+    axis.set_ylabel("resident memory, MB (dotted: at the block's start)")
+    axis.set_title("Reconstruction pass memory, DiT-S/2 shape")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def quality(args) -> int:
     from quality_rows import reconstruction_quality_rows
 
@@ -139,9 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DOCS)
     parser.add_argument("--no-write", action="store_true", help="print the section, do not write it")
     parser.add_argument("--quality", action="store_true", help="only run the quality rows (see above)")
+    parser.add_argument("--memory", action="store_true", help="only the memory-vs-depth section (see above)")
+    parser.add_argument("--depths", type=int, nargs="+", default=[3, 6, 12], help="--memory: DiT-S/2 depths")
+    parser.add_argument("--memory-iters", type=int, default=20, help="--memory: --reconstruct-iters (default 20)")
     args = parser.parse_args(argv)
     if args.quality:
         return quality(args)
+    if args.memory:
+        with tempfile.TemporaryDirectory(prefix="ditq-bench-reconstruct-") as tmp:
+            body = memory_scaling(args, Path(tmp))
+        print("\n".join(body))
+        if not args.no_write:
+            write_marked_block(args.out, MEMORY_SECTION, body)
+            print(f"wrote the {MEMORY_SECTION} section of {args.out}")
+        return 0
 
     sections = {}
     with tempfile.TemporaryDirectory(prefix="ditq-bench-reconstruct-") as tmp:

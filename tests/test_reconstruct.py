@@ -158,6 +158,10 @@ def test_method_lowers_block_error_and_the_artifact_runs_fused(method, tiny_dit_
     # time and peak host memory go to the compile log (the manifest stays deterministic)
     log = json.loads((artifact.path / "compile_log.json").read_text())["reconstruction"]
     assert log["seconds"] > 0 and log["peak_host_memory_mb"] > 0 and log["cached_on_disk_mb"] > 0
+    # each block's resident memory at its start and its peak (what bench_reconstruct.py --memory plots)
+    blocks = [b for b in log["blocks"] if "peak_mb" in b]
+    assert len(blocks) == TINY_CONFIG["num_layers"]
+    assert all(0 < b["resident_at_start_mb"] <= b["peak_mb"] <= log["peak_host_memory_mb"] for b in blocks), blocks
     # every quantized layer still runs on its fused kernel, in every group's branch
     layers = {k: LayerRecord.from_manifest(v) for k, v in manifest["layers"].items()}
     fusion = fusion_report(artifact.model_path, layers)

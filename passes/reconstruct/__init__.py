@@ -139,7 +139,9 @@ class Reconstruct(GraphPass):
             finally:
                 run.close()
         self.report.counts = counts
-        self.report.peak_bytes, self.report.start_bytes = memory.peak, memory.start
+        # the blocks sample on their own: the true peak is at least the largest sample any of them took
+        self.report.peak_bytes = max([memory.peak] + [b.peak_bytes for b in self.report.blocks])
+        self.report.start_bytes = memory.start
         self.report.seconds = memory.seconds
         modified = bool(counts["weights"] or counts["activations"])
         return PassResult(module, modified, self._summary(ctx), self._details())
@@ -166,7 +168,10 @@ class Reconstruct(GraphPass):
         return {"seconds": round(report.seconds, 2), "peak_host_memory_mb": round(report.peak_bytes / 1e6, 1),
                 "memory_over_start_mb": round((report.peak_bytes - report.start_bytes) / 1e6, 1),
                 "cached_on_disk_mb": round(report.cached_bytes / 1e6, 2),
-                "blocks": [{"name": b.name, "seconds": round(b.seconds, 2)} for b in report.blocks + report.outside]}
+                "blocks": [{"name": b.name, "seconds": round(b.seconds, 2),
+                            **({"resident_at_start_mb": round(b.start_bytes / 1e6, 1),
+                                "peak_mb": round(b.peak_bytes / 1e6, 1)} if b.peak_bytes else {})}
+                           for b in report.blocks + report.outside]}
 
     def _summary(self, ctx) -> str:
         """Deterministic (it goes into the manifest): errors and counts, no times or memory."""

@@ -23,7 +23,7 @@ import torch
 
 from ...grouped import get_tensor
 from ...qspec import PARAMS_KEY, SPEC_KEY
-from .cache import ValueStore
+from .cache import PeakMemory, ValueStore
 from .fakequant import ActivationQuantizer, FakeQuantLinear, WeightQuantizer, make_trainable
 from .segments import Segment, SegmentUnsupported, batch_symbol, extract, is_batched, partition
 
@@ -66,6 +66,10 @@ class BlockReport:
     seconds: float = 0.0
     layer_errors: list[tuple[str, float, float]] = field(default_factory=list)  # gptq: (layer, nearest, gptq)
     notes: list[str] = field(default_factory=list)
+    # resident memory (bytes) when the walk reached this block, and its peak while the block's two streams ran
+    # and it trained: flat over the blocks when one block's working set is what the pass holds
+    start_bytes: int = 0
+    peak_bytes: int = 0
 
 
 @dataclass
@@ -361,13 +365,17 @@ class BlockwiseRun:
         for index, segment in enumerate(segments):
             if segment.name == "tail":
                 break
-            self.run_float(index)
+            with PeakMemory() as memory:
+                self.run_float(index)
+                if segment.is_block:
+                    share = None if deadline is None else \
+                        time.monotonic() + max(deadline - time.monotonic(), 0) / blocks_left
+                    report = reconstruct_block(self, index, share)
+                    blocks_left -= 1
+                self.run_quantized(index)
+                self.release(index, note)
+                self.drop_unused(index)
             if segment.is_block:
-                share = None if deadline is None else \
-                    time.monotonic() + max(deadline - time.monotonic(), 0) / blocks_left
-                reports.append(reconstruct_block(self, index, share))
-                blocks_left -= 1
-            self.run_quantized(index)
-            self.release(index, note)
-            self.drop_unused(index)
+                report.start_bytes, report.peak_bytes = memory.start, memory.peak
+                reports.append(report)
         return reports
