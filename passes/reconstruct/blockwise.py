@@ -23,7 +23,7 @@ import torch
 
 from ...grouped import get_tensor
 from ...qspec import PARAMS_KEY, SPEC_KEY
-from .cache import PeakMemory, ValueStore
+from .cache import PeakMemory, ValueStore, release_freed_memory
 from .fakequant import ActivationQuantizer, FakeQuantLinear, WeightQuantizer, make_trainable
 from .segments import Segment, SegmentUnsupported, batch_symbol, extract, is_batched, partition
 
@@ -375,6 +375,7 @@ class BlockwiseRun:
                 self.run_quantized(index)
                 self.release(index, note)
                 self.drop_unused(index)
+                release_freed_memory()  # so the next block starts where this one did
             if segment.is_block:
                 report.start_bytes, report.peak_bytes = memory.start, memory.peak
                 reports.append(report)

@@ -22,6 +22,7 @@ from ...grouped import get_tensor
 from ...qspec import PARAMS_KEY, SPEC_KEY
 from .adaround import LossLabel, Problem, RowData, TrainSettings, evaluate, train_problem
 from .blockwise import BlockReport
+from .cache import release_freed_memory
 from .gptq import MAX_CAPTURE_ROWS, gptq_integers, hessian_add, output_error
 
 
@@ -64,6 +65,8 @@ def reconstruct_outside(run, settings: TrainSettings | None, deadline: float | N
             reports.append(_gptq_layer(run, key, sites, captured, share, start))
         else:
             reports.append(_trained_layer(run, key, sites, captured, settings, share, start))
+    del captured
+    release_freed_memory()  # the captured rows, before the block walk
     return reports
 
 
