@@ -57,7 +57,7 @@ class CompileResult:
     @property
     def layers(self) -> dict:
         """Layer key -> LayerRecord (weight name, weight format, bias form, role), for lowering."""
-        return layer_records(graph_modules(self.graph_module)[0])
+        return layer_records(graph_modules(self.graph_module))
 
     @property
     def quantized_layers(self) -> list[str]:

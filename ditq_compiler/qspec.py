@@ -305,13 +305,25 @@ def quantized_layer_weights(gm) -> dict[str, str]:
             if node.meta.get(PROVENANCE_KEY, {}).get("role") == "matmul"}
 
 
-def layer_records(gm) -> dict:
-    """Layer key -> :class:`LayerRecord` (what ONNX lowering needs), from insertion's provenance."""
+def layer_records(branches: list) -> dict:
+    """Layer key -> :class:`LayerRecord` (what ONNX lowering needs), from insertion's provenance in every
+    timestep group's graph (``branches``, in group order). A layer's weight format can differ between groups
+    (FP4 picks its grid per layer and group); the record then lists each group's (``group_formats``)."""
     from .exporters.lowering import LayerRecord
 
-    return {p["layer"]: LayerRecord(p["weight"], p["weight_format"], p["bias"], p["module_role"],
-                                    p.get("activation", "static"))
-            for p in (node.meta.get(PROVENANCE_KEY, {}) for node in gm.graph.nodes) if p.get("role") == "matmul"}
+    formats: dict[str, list[str]] = {}
+    records: dict[str, LayerRecord] = {}
+    for gm in branches:
+        for p in (node.meta.get(PROVENANCE_KEY, {}) for node in gm.graph.nodes):
+            if p.get("role") != "matmul":
+                continue
+            formats.setdefault(p["layer"], []).append(p["weight_format"])
+            records.setdefault(p["layer"], LayerRecord(p["weight"], p["weight_format"], p["bias"], p["module_role"],
+                                                       p.get("activation", "static")))
+    for layer, record in records.items():
+        if len(set(formats[layer])) > 1:
+            record.group_formats = tuple(formats[layer])
+    return records
 
 
 def quantized_layer_names(gm) -> list[str]:

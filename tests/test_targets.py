@@ -292,6 +292,32 @@ def test_raising_undoes_the_cpu_lowering_of_one_linear(weight_format):
     assert model_signature(again.model) == model_signature(cpu.model)
 
 
+def test_fp4_weights_of_each_group_are_packed_with_that_groups_grid():
+    """FP4 picks its grid per layer and timestep group: a group's copy of the weight (``<weight>__group<g>``) is
+    packed with that group's grid, and the lowered model still computes the canonical one exactly."""
+    from ditq_compiler.grids import GRIDS
+
+    rng = np.random.default_rng(3)
+    table = GRIDS["int4"].lookup_table().numpy()
+    weight = table[rng.integers(0, 16, (16, 8))].astype(np.int8)  # -7..7: off the e2m1 grid (5 and 7)
+    assert np.isin(weight, [5, -5, 7, -7]).any()
+    canonical = canonical_linear(weight)
+    for tensor in canonical.graph.initializer:  # the stitcher's name for group 1's copy
+        if tensor.name == "l.weight_quantized":
+            tensor.name = "l.weight_quantized__group1"
+    for node in canonical.graph.node:
+        node.input[:] = ["l.weight_quantized__group1" if i == "l.weight_quantized" else i for i in node.input]
+    record = LayerRecord("l.weight_quantized", "fp4-e2m1", "float", "qkv", group_formats=("fp4-e2m1", "fp4-int4"))
+    assert record.format_of("l.weight_quantized__group1") == "fp4-int4"
+    assert LayerRecord.from_manifest(record.to_manifest()) == record
+    assert "group_formats" not in LayerRecord("w", "int8", "float", "qkv").to_manifest()
+    cpu = lower(canonical, "cpu", {"l": record})
+    lookups = [t.name for t in cpu.model.graph.initializer if t.name.startswith("ditq.fp4_lookup.")]
+    assert lookups == ["ditq.fp4_lookup.int4"]
+    x = rng.standard_normal((2, 3, 16)).astype(np.float32)
+    np.testing.assert_allclose(run(cpu.model, x), run(canonical, x), rtol=1e-5, atol=1e-5)
+
+
 def test_raising_undoes_the_fp8_weight_cast():
     import ml_dtypes
 

@@ -48,14 +48,31 @@ class LayerRecord:
     bias: str  # "int32" or "float"
     role: str
     activation: str = "static"  # "static" (calibrated Q/DQ, or none) or "dynamic" (quantized by the kernel)
+    # each timestep group's weight format where they differ (FP4's grid is chosen per layer and group; such a
+    # weight is stored once per group, ``<weight>__group<g>``); empty: every group's is ``weight_format``
+    group_formats: tuple[str, ...] = ()
 
     @classmethod
     def from_manifest(cls, data: dict) -> "LayerRecord":
         return cls(**{key: data[key] for key in ("weight", "weight_format", "bias", "role")},
-                   activation=data.get("activation", "static"))
+                   activation=data.get("activation", "static"), group_formats=tuple(data.get("group_formats", ())))
 
     def to_manifest(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        if not self.group_formats:  # the common case: one format, as manifests before per-group formats had
+            del record["group_formats"]
+        else:
+            record["group_formats"] = list(self.group_formats)
+        return record
+
+    def format_of(self, initializer: str) -> str:
+        """The format of one stored copy of the weight: group g's for ``<weight>__group<g>``, else the weight's
+        (every group's: a weight stored once has one format)."""
+        if self.group_formats and initializer.startswith(f"{self.weight}__group"):
+            return self.group_formats[int(initializer.rsplit("__group", 1)[1])]
+        if self.group_formats:
+            raise ValueError(f"{self.weight} has a format per timestep group but is stored once as {initializer}")
+        return self.weight_format
 
 
 @dataclass

@@ -78,16 +78,16 @@ class PackFp4Weights(LoweringPass):
         for record in self.layers.values():
             if not record.weight_format.startswith("fp4-"):
                 continue
-            grid = GRIDS[record.weight_format.split("-", 1)[1]]
-            if grid.name not in tables:  # one lookup table per grid, shared by its weights
-                lut = ir.Value(name=f"ditq.fp4_lookup.{grid.name}",
-                               const_value=ir.tensor(grid.lookup_table().numpy(), name=f"ditq.fp4_lookup.{grid.name}"))
-                model.graph.register_initializer(lut)
-                tables[grid.name] = lut
             for value in initializers_named(model, record.weight):
                 if value.name in seen:
                     continue
                 seen.add(value.name)
+                grid = GRIDS[record.format_of(value.name).split("-", 1)[1]]  # a group's copy has its group's grid
+                if grid.name not in tables:  # one lookup table per grid, shared by its weights
+                    lut = ir.Value(name=f"ditq.fp4_lookup.{grid.name}", const_value=ir.tensor(
+                        grid.lookup_table().numpy(), name=f"ditq.fp4_lookup.{grid.name}"))
+                    model.graph.register_initializer(lut)
+                    tables[grid.name] = lut
                 import torch
 
                 codes = grid.codes(torch.from_numpy(np.array(value.const_value.numpy()))).numpy().astype(ml_dtypes.uint4)
