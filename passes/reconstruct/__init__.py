@@ -25,6 +25,7 @@ declare ``preserves_semantics``; its summary states the block (or layer) output 
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -116,6 +117,15 @@ class Reconstruct(GraphPass):
             raise PassPreconditionError(self.name, f"{error}; compile with --reconstruct none") from error
 
     def _reconstruct(self, module, ctx, name: str, deadline: float | None, note: str) -> PassResult:
+        # release_freed_memory() collects after every block; objects older than the pass (a long-lived process
+        # holds many) are frozen so those collections only scan what the pass made and stay fast
+        gc.freeze()
+        try:
+            return self._reconstruct_frozen(module, ctx, name, deadline, note)
+        finally:
+            gc.unfreeze()
+
+    def _reconstruct_frozen(self, module, ctx, name: str, deadline: float | None, note: str) -> PassResult:
         with PeakMemory() as memory:
             run = BlockwiseRun(module, ctx, self.method, weights_per_group=self.weights == "per-group", seed=self.seed)
             plans = run.registry.plans.values()
