@@ -309,6 +309,8 @@ def test_fp4_weights_of_each_group_are_packed_with_that_groups_grid():
         node.input[:] = ["l.weight_quantized__group1" if i == "l.weight_quantized" else i for i in node.input]
     record = LayerRecord("l.weight_quantized", "fp4-e2m1", "float", "qkv", group_formats=("fp4-e2m1", "fp4-int4"))
     assert record.format_of("l.weight_quantized__group1") == "fp4-int4"
+    # a copy stored once holds group 0's values too, so group 0's grid represents it
+    assert record.format_of("l.weight_quantized") == "fp4-e2m1"
     assert LayerRecord.from_manifest(record.to_manifest()) == record
     assert "group_formats" not in LayerRecord("w", "int8", "float", "qkv").to_manifest()
     cpu = lower(canonical, "cpu", {"l": record})

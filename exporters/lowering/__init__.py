@@ -66,12 +66,11 @@ class LayerRecord:
         return record
 
     def format_of(self, initializer: str) -> str:
-        """The format of one stored copy of the weight: group g's for ``<weight>__group<g>``, else the weight's
-        (every group's: a weight stored once has one format)."""
+        """The format of one stored copy of the weight: group g's for ``<weight>__group<g>``, else
+        ``weight_format`` (group 0's). A copy stored once holds the same values in every group, group 0's
+        among them, so group 0's grid represents it exactly even where the groups chose different grids."""
         if self.group_formats and initializer.startswith(f"{self.weight}__group"):
             return self.group_formats[int(initializer.rsplit("__group", 1)[1])]
-        if self.group_formats:
-            raise ValueError(f"{self.weight} has a format per timestep group but is stored once as {initializer}")
         return self.weight_format
 
 
