@@ -72,6 +72,8 @@ class PackFp4Weights(LoweringPass):
     name = "pack_fp4_weights"
 
     def lower(self, model):
+        import torch
+
         from ditq_compiler.grids import GRIDS
 
         packed, seen, tables = 0, set(), {}
@@ -88,8 +90,6 @@ class PackFp4Weights(LoweringPass):
                         grid.lookup_table().numpy(), name=f"ditq.fp4_lookup.{grid.name}"))
                     model.graph.register_initializer(lut)
                     tables[grid.name] = lut
-                import torch
-
                 codes = grid.codes(torch.from_numpy(np.array(value.const_value.numpy()))).numpy().astype(ml_dtypes.uint4)
                 stored = ir.Value(name=f"{value.name}.codes", const_value=ir.tensor(codes, name=f"{value.name}.codes"))
                 model.graph.register_initializer(stored)
