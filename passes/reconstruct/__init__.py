@@ -118,12 +118,17 @@ class Reconstruct(GraphPass):
 
     def _reconstruct(self, module, ctx, name: str, deadline: float | None, note: str) -> PassResult:
         # release_freed_memory() collects after every block; objects older than the pass (a long-lived process
-        # holds many) are frozen so those collections only scan what the pass made and stay fast
-        gc.freeze()
+        # holds many) are frozen so those collections only scan what the pass made and stay fast. gc.unfreeze()
+        # would thaw everything, so where the caller froze objects of its own (a pre-forking server does) the
+        # pass neither freezes nor thaws: the caller's frozen set is left as it was
+        freeze = gc.get_freeze_count() == 0
+        if freeze:
+            gc.freeze()
         try:
             return self._reconstruct_frozen(module, ctx, name, deadline, note)
         finally:
-            gc.unfreeze()
+            if freeze:
+                gc.unfreeze()
 
     def _reconstruct_frozen(self, module, ctx, name: str, deadline: float | None, note: str) -> PassResult:
         with PeakMemory() as memory:
