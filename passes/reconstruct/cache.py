@@ -77,10 +77,10 @@ def release_freed_memory() -> None:
     """Give the memory of a finished block back to the operating system.
 
     Freeing a block's tensors is not enough for the resident memory to fall: glibc's allocator keeps freed
-    chunks in its heap (its mmap threshold rises to the size of the largest block freed, so later tensors of
-    that size come from the heap) and the process's resident memory grew by ~70 MB per DiT-S/2 block with
-    nothing alive (bench_reconstruct.py --memory). Collecting the cycles the fx modules leave and asking glibc
-    to trim its heap (``malloc_trim``) returns it; elsewhere (no glibc) only the collection runs."""
+    chunks in its heap. Without this call the resident memory at each DiT-S/2 block's start grew by ~70 MB a
+    block while the live tensors grew by 2-3 MB (the per-block figures of compile_log.json); with it, by ~3 MB
+    (bench_reconstruct.py --memory, docs/benchmarks.md). Collecting the cycles the fx modules leave and asking
+    glibc to trim its heap (``malloc_trim``) returns it; elsewhere (no glibc) only the collection runs."""
     import ctypes
     import gc
 
