@@ -431,7 +431,7 @@ def write_report(results: list[dict], args, path: Path) -> None:
                       "(the profiler's own overhead included, so the wall time exceeds the latency table's):", "",
                       *profile_table(result["profile"]), ""]
             others = result["profile"][DITQ]["others"]
-            lines += ["Largest of the others (ditq W8A8): " + ", ".join(
+            lines += [f"Largest of the others ({DITQ}): " + ", ".join(
                 f"{op} {ms:.1f}" for op, ms in list(others.items())[:6]) + " ms.", ""]
         if result["ablation"]:
             lines += ablation_lines(result["ablation"], args.profile_batch)
