@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import SHAPES, eval_inputs, latency_feeds, random_dit  # noqa: E402
 from common import (close_sessions, export_fp32, file_size_mb, latencies_ms, machine_description,  # noqa: E402
-                    relative_l2, run_output, work_directory, write_marked_block)
+                    relative_l2, run_command, run_output, work_directory, write_marked_block)
 
 BLOCK = "formats-bench"
 FP32 = "FP32 export"
@@ -148,7 +147,7 @@ def layer_bench(args) -> dict[str, float]:
 
 
 def report_lines(results: list[dict], layer: dict[str, float] | None, args) -> list[str]:
-    command = shlex.join(["python", "bench/bench_formats.py", *sys.argv[1:]])
+    command = run_command("bench/bench_formats.py", sys.argv[1:])
     lines = ["## Low-bit formats", "",
              f"Written by `{command}` on {datetime.date.today().isoformat()}; {machine_description()}.", "",
              f"- Each row is an artifact compiled from the same random-weight checkpoint (minmax recipe, "

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import fuse_attention, gelu_kernels, perturb_shared_embedders, strip_branch_value_info, unfold_biases  # noqa: E402
 from common import (PROFILE_CATEGORIES, PhaseMemorySampler, close_sessions, export_fp32, file_size_mb, latencies_ms,  # noqa: E402
                     machine_description, MARKER, marked_blocks, profile_by_op, quantize_static_baseline, relative_l2, run_child,
-                    run_output, trajectory_batches, work_directory)
+                    run_command, run_output, trajectory_batches, work_directory)
 
 SHAPES = {  # DiT paper sizes: heads, head width (hidden = heads x width), depth
     "S": dict(num_attention_heads=6, attention_head_dim=64, num_layers=12),
@@ -369,7 +369,7 @@ def write_report(results: list[dict], args, path: Path) -> None:
         "- CUDA provider: not measured here (see the GPU benchmark for the CUDA and TensorRT targets).",
         "",
     ]
-    command = "python bench/bench_speed.py " + " ".join(sys.argv[1:])
+    command = run_command("bench/bench_speed.py", sys.argv[1:])
     sections = _old_sections(path) if path.exists() else {}
     for result in results:
         size, latency = result["size"], result["latency"]

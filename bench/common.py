@@ -10,6 +10,7 @@ import json
 import os
 import re
 import platform
+import shlex
 import statistics
 import tempfile
 import time
@@ -285,6 +286,19 @@ def run_child(args: list[str]) -> tuple[int, float, int]:
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return process.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024  # Linux: kilobytes
+
+
+def run_command(script: str, argv: list[str]) -> str:
+    """The command that reproduces a run, for its report: ``python script`` and its arguments without ``--out``
+    (where the report went is not a setting of the run, and a path of the machine that ran it does not belong
+    in the report)."""
+    shown, after_out = [], False
+    for arg in argv:
+        if after_out or arg == "--out" or arg.startswith("--out="):
+            after_out = arg == "--out"
+            continue
+        shown.append(arg)
+    return shlex.join(["python", script, *shown])
 
 
 @contextlib.contextmanager
