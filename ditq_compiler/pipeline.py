@@ -16,6 +16,7 @@ from .config import CompileConfig
 from .context import CompileContext
 from .errors import DitqError
 from .loading import LoadedCheckpoint, load_checkpoint
+from .memory import release_freed_memory
 from .pass_manager import DumpInstrument, GraphPass, PassInstrument, PassManager, graph_modules
 from .passes import (AnnotateLinearQuantization, CollectActivationStats, GroupTimesteps, InsertQuantDequant,
                      SplitTimestepGroups)
@@ -137,23 +138,6 @@ def compile(checkpoint: str | Path, output_dir: str | Path, config: CompileConfi
     ``output_dir`` may be missing, empty or a ditq artifact; any other directory is replaced only with
     ``force`` (its contents are deleted)."""
     return compile_with_result(checkpoint, output_dir, config, dump_dir=dump_dir, force=force)[0]
-
-
-def release_freed_memory() -> None:
-    """Hand memory that was freed back to the operating system.
-
-    glibc serves most tensor-sized allocations from its heap once its adaptive mmap threshold has risen (up to
-    32 MB), and keeps freed heap pages resident: after Q/DQ insertion dropped the float weights of DiT-XL/2, the
-    compile still held 4.6 GB resident where about 1.5 GB were live (measured). ``malloc_trim(0)`` returns them.
-    Elsewhere than glibc this does nothing."""
-    import ctypes
-    import gc
-
-    gc.collect()  # cycles (the exporter's programs) first
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: CompileConfig | None = None, *,

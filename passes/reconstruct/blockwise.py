@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ...grouped import get_tensor
+from ...memory import release_freed_memory
 from ...qspec import PARAMS_KEY, SPEC_KEY
-from .cache import PeakMemory, ValueStore, release_freed_memory
+from .cache import PeakMemory, ValueStore
 from .fakequant import ActivationQuantizer, FakeQuantLinear, WeightQuantizer, make_trainable
 from .segments import Segment, SegmentUnsupported, batch_symbol, extract, is_batched, partition
 

@@ -73,24 +73,6 @@ class ValueStore:
         self.close()
 
 
-def release_freed_memory() -> None:
-    """Give the memory of a finished block back to the operating system.
-
-    Freeing a block's tensors is not enough for the resident memory to fall: glibc's allocator keeps freed
-    chunks in its heap. Without this call the resident memory at each DiT-S/2 block's start grew by ~70 MB a
-    block while the live tensors grew by 2-3 MB (the per-block figures of compile_log.json); with it, by ~3 MB
-    (bench_reconstruct.py --memory, docs/benchmarks.md). Collecting the cycles the fx modules leave and asking
-    glibc to trim its heap (``malloc_trim``) returns it; elsewhere (no glibc) only the collection runs."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def resident_bytes() -> int:
     """This process's resident memory now (Linux ``/proc``); the lifetime peak elsewhere."""
     try:

@@ -19,10 +19,10 @@ import torch
 
 from ...capture import capture_layer_inputs
 from ...grouped import get_tensor
+from ...memory import release_freed_memory
 from ...qspec import PARAMS_KEY, SPEC_KEY
 from .adaround import LossLabel, Problem, RowData, TrainSettings, evaluate, train_problem
 from .blockwise import BlockReport
-from .cache import release_freed_memory
 from .gptq import MAX_CAPTURE_ROWS, gptq_integers, hessian_add, output_error
 
 
