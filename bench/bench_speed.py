@@ -285,7 +285,7 @@ def ablation_lines(ablation: dict, batch: int) -> list[str]:
     ratios = {"integer attention (opt-in)": latency[MHA] / latency[DITQ],
               "float attention (the default)": latency[MHA] / latency[NO_INT_ATTENTION]}
     faster_than = [form for form, ratio in ratios.items() if ratio < 1]
-    lines += [f"ONNX Runtime's fused attention (`com.microsoft.MultiHeadAttention`, float, on the float q, k, v the "
+    lines += ["ONNX Runtime's fused attention (`com.microsoft.MultiHeadAttention`, float, on the float q, k, v the "
               "integer GEMMs produce) takes " + " and ".join(f"{r:.2f}x the time of {form}" for form, r in ratios.items())
               + ", in the same rounds. "
               + (f"It is faster than {' and '.join(faster_than)}; ditq does not emit it yet (a lowering to try)."
