@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import fuse_attention, gelu_kernels, perturb_shared_embedders, strip_branch_value_info, unfold_biases  # noqa: E402
-from common import (PROFILE_CATEGORIES, PhaseMemorySampler, close_sessions, export_fp32, file_size_mb, latencies_ms,  # noqa: E402
+from common import (OUTSIDE_PHASES, PROFILE_CATEGORIES, PhaseMemorySampler, close_sessions, export_fp32, file_size_mb, latencies_ms,  # noqa: E402
                     machine_description, MARKER, marked_blocks, profile_by_op, quantize_static_baseline, relative_l2, run_child,
                     run_command, run_output, trajectory_batches, work_directory)
 
@@ -416,8 +416,9 @@ def write_report(results: list[dict], args, path: Path) -> None:
                            for label, rss, seconds in compile_info["phases"])
         lines += [f"Compile (ditq W8A8, a child process): {compile_info['seconds']:.0f} s, peak host memory "
                   f"{peak / 1e9:.2f} GB = {peak / fp32:.2f}x the FP32 model ({fp32 / 1e9:.2f} GB; goal at most "
-                  f"{MEMORY_GOAL}x). Peak resident memory and time by phase (\"passes\": the fx passes other than "
-                  f"calibration): {phases}.", ""]
+                  f"{MEMORY_GOAL}x). Peak resident memory and time by phase (\"{OUTSIDE_PHASES}\": the fx passes other "
+                  f"than calibration, and the steps between phases such as writing the manifest and loading the "
+                  f"artifact back): {phases}.", ""]
         if GROUPS4 in latency[batches[0]]:
             b = batches[0]
             one, four = latency[b][DITQ], latency[b][GROUPS4]

@@ -234,6 +234,11 @@ def current_rss_bytes() -> int:
     return 0
 
 
+# the label of samples taken while no named phase runs: the fx passes other than calibration, and every step
+# between phases (the manifest, loading the artifact back at the end)
+OUTSIDE_PHASES = "outside the named phases"
+
+
 class PhaseMemorySampler:
     """Samples this process's resident memory every ``interval`` seconds in a thread and files the peak under
     ``label()`` (e.g. ditq's current progress phase), so a compile's peak can be traced to the work that made
@@ -252,7 +257,7 @@ class PhaseMemorySampler:
     def _run(self) -> None:
         last = time.perf_counter()
         while not self._stop.is_set():
-            label = self.label() or "passes"
+            label = self.label() or OUTSIDE_PHASES
             rss = current_rss_bytes()
             if label not in self.peaks:
                 self.order.append(label)
