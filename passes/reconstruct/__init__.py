@@ -25,11 +25,11 @@ declare ``preserves_semantics``; its summary states the block (or layer) output 
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass, field
 
 from ...errors import PassPreconditionError
+from ...memory import older_objects_frozen
 from ...pass_manager import GraphPass, PassResult
 from ...qspec import PARAMS_KEY, SPEC_KEY
 from .adaround import BRECQ, TrainSettings, reconstruct_block_trained
@@ -112,25 +112,12 @@ class Reconstruct(GraphPass):
         deadline = None if self.time_budget_min is None else time.monotonic() + 60.0 * self.time_budget_min
         note = f"reconstructed by {name}"
         try:
-            return self._reconstruct(module, ctx, name, deadline, note)
+            with older_objects_frozen():  # release_freed_memory() after each block stays fast in a long process
+                return self._reconstruct(module, ctx, name, deadline, note)
         except SegmentUnsupported as error:  # a model ditq cannot cut into blocks: one line, not a traceback
             raise PassPreconditionError(self.name, f"{error}; compile with --reconstruct none") from error
 
     def _reconstruct(self, module, ctx, name: str, deadline: float | None, note: str) -> PassResult:
-        # release_freed_memory() collects after every block; objects older than the pass (a long-lived process
-        # holds many) are frozen so those collections only scan what the pass made and stay fast. gc.unfreeze()
-        # would thaw everything, so where the caller froze objects of its own (a pre-forking server does) the
-        # pass neither freezes nor thaws: the caller's frozen set is left as it was
-        freeze = gc.get_freeze_count() == 0
-        if freeze:
-            gc.freeze()
-        try:
-            return self._reconstruct_frozen(module, ctx, name, deadline, note)
-        finally:
-            if freeze:
-                gc.unfreeze()
-
-    def _reconstruct_frozen(self, module, ctx, name: str, deadline: float | None, note: str) -> PassResult:
         with PeakMemory() as memory:
             run = BlockwiseRun(module, ctx, self.method, weights_per_group=self.weights == "per-group", seed=self.seed)
             plans = run.registry.plans.values()
