@@ -1,10 +1,10 @@
 """Handing freed memory back to the operating system, for the compile's memory-heavy steps.
 
-Freeing tensors is not enough for a process's resident memory to fall: glibc's allocator serves most
-tensor-sized allocations from its heap once its dynamic mmap threshold has risen (up to 32 MB on 64-bit systems,
-mallopt(3)) and keeps freed heap pages resident. Measured: after Q/DQ insertion dropped DiT-XL/2's float
-weights the compile still held 4.6 GB resident where about 1.5 GB were live; and in reconstruction the resident memory at each DiT-S/2 block's
-start grew by ~70 MB a block while the live tensors grew by 2-3 MB (~3 MB a block with this call;
+Freeing tensors is not enough for a process's resident memory to fall: glibc's allocator serves most tensor-sized
+allocations from its heap once its dynamic mmap threshold has risen (up to 32 MB on 64-bit systems, mallopt(3)) and
+keeps freed heap pages resident. Measured: after Q/DQ insertion dropped DiT-XL/2's float weights the compile still
+held 4.6 GB resident where about 1.5 GB were live; and in reconstruction the resident memory at each DiT-S/2
+block's start grew by ~70 MB a block while the live tensors grew by 2-3 MB (~3 MB a block with this call;
 bench_reconstruct.py --memory, docs/benchmarks.md).
 """
 
