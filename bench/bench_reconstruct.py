@@ -8,7 +8,7 @@ method and measured in bench_speed.py) in a child process of its own, so its mem
 * reconstruction s: the pass's wall time (calibration and the other passes excluded);
 * pass peak MB: the process's peak resident memory while the pass ran (sampled by the pass itself), and how much
   of it the pass added over what the process held when it began (the model, the traced graph, calibration);
-* process peak MB: the child's lifetime peak (``ru_maxrss``);
+* process peak MB: the child's peak resident memory over its life (``VmHWM``, read by the child at its end);
 * block error: relative L2 of the DiT blocks' outputs vs the float blocks on the calibration rows, nearest
   rounding -> reconstructed (mean over blocks; the pass's own report);
 * disk MB: block inputs and targets cached on disk during the pass (removed afterwards).
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_description, run_child, write_marked_block  # noqa: E402
+from common import machine_description, peak_rss_bytes, run_child, write_marked_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -87,7 +87,7 @@ def child(checkpoint: str, report: str, options: str) -> None:
     if graph_pass is not None and graph_pass.report is not None:
         out.update(manifest=graph_pass.manifest_entry() if graph_pass.report.blocks else None,
                    log=graph_pass.log_entry())
-    Path(report).write_text(json.dumps(out))
+    Path(report).write_text(json.dumps({**out, "process_peak": peak_rss_bytes()}))
 
 
 def measure(checkpoint: Path, method: str, args, work: Path) -> dict:
@@ -95,10 +95,10 @@ def measure(checkpoint: Path, method: str, args, work: Path) -> dict:
                    reconstruct=method, reconstruct_iters=args.iters, time_budget_min=args.time_budget,
                    calibration=dict(steps=args.calib_steps, samples=args.calib_samples))
     report = work / f"{checkpoint.name}-{method}.json"
-    code, seconds, peak = run_child([__file__, "--child", str(checkpoint), str(report), json.dumps(options)])
+    code, seconds = run_child([__file__, "--child", str(checkpoint), str(report), json.dumps(options)])
     if code != 0:
         return {"error": f"exit {code}"}
-    return {**json.loads(report.read_text()), "process_seconds": seconds, "process_peak": peak}
+    return {**json.loads(report.read_text()), "process_seconds": seconds}
 
 
 def table(name: str, results: dict[str, dict]) -> list[str]:
