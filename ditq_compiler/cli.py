@@ -67,7 +67,8 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-attention", action=argparse.BooleanOptionalAction, default=False,
                         help="quantize q, k, v and the softmax output to uint8 so ONNX Runtime runs QK^T and PV on "
                              "its integer kernels (--target cpu, static integer activations). Off by default: "
-                             "faster, but it costs PSNR on the reference model (docs/quality.md)")
+                             "faster, but it costs PSNR on the reference model (docs/quality.md); without it the "
+                             "float attention runs as ONNX Runtime's fused MultiHeadAttention")
     parser.add_argument("--quantize-embedders", action="store_true",
                         help="also quantize the timestep/class embedders' linears and the final layer (proj_out_1, "
                              "proj_out_2) at the format's precision; they stay in float by default (the class "

@@ -144,7 +144,8 @@ class TargetSpec:
 
 TARGETS: dict[str, TargetSpec] = {t.name: t for t in (
     TargetSpec("cpu", "CPUExecutionProvider", "as-format", True,
-               "ONNX Runtime's CPU provider: fused int8 kernels (MatMulIntegerToFloat, QGemm), uint8 activations"),
+               "ONNX Runtime's CPU provider: fused int8 kernels (MatMulIntegerToFloat, QGemm), uint8 activations, "
+               "float attention fused into MultiHeadAttention"),
     TargetSpec("cuda", "CUDAExecutionProvider", "none", False,
                "ONNX Runtime's CUDA provider: float16 compute, weight-only MatMulNBits (8 or 4 bit), fused "
                "MultiHeadAttention; activations are not quantized"),

@@ -190,6 +190,9 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
                                     "quantized")
                 fusion["attention"] = {"layers": len(kernels),
                                        "kernels": dict(Counter(op for k in kernels.values() for op in k.values()))}
+            fused = fused_attention_record(report, lowering_context.notes)
+            if fused:
+                fusion["attention"] = fused
         with phase("checking ONNX Runtime's numerics against the torch graph"):
             numerics = check_numerics(staging / MODEL_FILE, result)
             for group in range(len(lowered.group_models)):  # each group's own model on its own inputs
@@ -209,6 +212,20 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
         write_manifest(staging, {**manifest, "lowering": lowering, "numerics": numerics_manifest(numerics)},
                        compile_log)
     return Artifact.load(output_dir), result
+
+
+def fused_attention_record(report, notes: dict) -> dict | None:
+    """Where the lowering fused float attention into ``MultiHeadAttention`` (``notes["fused_attention"]``, the
+    count it wrote), ONNX Runtime's optimized graph (``report``, a ``FusionReport``) must run as many; the
+    manifest's record of them, or None where nothing was fused."""
+    fused = notes.get("fused_attention", 0)
+    if not fused:
+        return None
+    ran = report.op_counts.get("MultiHeadAttention", 0)
+    if ran != fused:
+        raise DitqError(f"ONNX Runtime's optimized graph runs {ran} MultiHeadAttention kernels where the lowering "
+                        f"wrote {fused}; the artifact would not run as lowered")
+    return {"nodes": fused, "kernels": {"MultiHeadAttention": ran}}
 
 
 def attention_layers(result: CompileResult) -> list[str]:

@@ -37,7 +37,7 @@ def relower(source: str | Path, target: str, output_dir: str | Path, *, force: b
             dump_dir: str | Path | None = None) -> Artifact:
     from .exporters import fusion_report, save_onnx
     from .exporters.lowering import LayerRecord, LoweringContext, lower, raise_to_canonical
-    from .pipeline import lowering_manifest, save_group_models
+    from .pipeline import fused_attention_record, lowering_manifest, save_group_models
     from .progress import phase
 
     import onnx
@@ -71,7 +71,11 @@ def relower(source: str | Path, target: str, output_dir: str | Path, *, force: b
         fusion = None
         if target != "tensorrt":
             with phase("checking ONNX Runtime's fusion"):
-                fusion = fusion_report(staging / MODEL_FILE, layers).to_manifest()
+                report = fusion_report(staging / MODEL_FILE, layers)
+            fusion = report.to_manifest()
+            attention = fused_attention_record(report, context.notes)
+            if attention:
+                fusion["attention"] = attention
         with phase("comparing with the source artifact"):
             numerics = _agreement_with_source(artifact, staging / MODEL_FILE, target, probe)
         lowering = {**lowering_manifest(target, lowered, context),

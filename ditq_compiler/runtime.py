@@ -45,8 +45,8 @@ _FALLBACK = {"tensorrt": "cuda", "cuda": "cpu"}
 _MISMATCH = {
     ("cpu", "cuda"): "a cpu-target artifact has uint8 Q/DQ, which ONNX Runtime's CUDA provider runs as dequantize + "
                      "float MatMul (slower than float16): re-lower it with `ditq lower ART --target cuda`",
-    ("cpu", "tensorrt"): "a cpu-target artifact has uint8 zero points, which TensorRT refuses (those nodes fall back "
-                         "to CUDA): re-lower it with `ditq lower ART --target tensorrt`",
+    ("cpu", "tensorrt"): "a cpu-target artifact has uint8 zero points and com.microsoft ops, which TensorRT refuses "
+                         "(those nodes fall back to CUDA): re-lower it with `ditq lower ART --target tensorrt`",
     ("cuda", "cpu"): "a cuda-target artifact runs on the CPU (MatMulNBits and MultiHeadAttention have CPU kernels) "
                      "but its float16 is slow there: for a CPU, compile or lower it with --target cpu",
     ("cuda", "tensorrt"): "a cuda-target artifact's com.microsoft ops (MatMulNBits, MultiHeadAttention) are not "

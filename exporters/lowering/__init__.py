@@ -203,9 +203,8 @@ def target_passes(target: str, layers: dict[str, LayerRecord],
                   context: LoweringContext | None = None) -> list[LoweringPass]:
     from . import cpu, cuda, tensorrt
 
-    if target == "cpu":
-        return cpu.passes(layers)
-    return {"cuda": cuda.passes, "tensorrt": tensorrt.passes}[target](layers, context or LoweringContext())
+    return {"cpu": cpu.passes, "cuda": cuda.passes, "tensorrt": tensorrt.passes}[target](
+        layers, context or LoweringContext())
 
 
 def _dump(dump_dir: Path, index: int, lowering_pass: LoweringPass, model: ir.Model, modified: bool,
@@ -220,3 +219,4 @@ def _dump(dump_dir: Path, index: int, lowering_pass: LoweringPass, model: ir.Mod
 
 from . import canonical  # noqa: E402,F401  (registers the inverses of the CPU passes)
 from . import cpu_nbits  # noqa: E402,F401  (and of the block-wise and dynamic CPU passes)
+from . import attention  # noqa: E402,F401  (and of the attention fusion)

@@ -11,6 +11,7 @@ model and lowering it for the CPU again gives the same model.
 | ``UINT4 <w>.codes -> Cast(to=INT32) -> Gather(lut int8[16], axis=0) -> <w>`` | ``INT8`` initializer ``<w> = lut[codes]`` | ``UnpackFp4Weights`` |
 | ``Mul(Cast(<w> fp8, to=FLOAT), <scale>)`` | ``DequantizeLinear(<w>, <scale>, axis=1)`` per reader | ``Fp8CastToDequantize`` |
 | ``QuantizeLinear -> MatMulIntegerToFloat(A, <w>, s_a, s_w, z_a, z_w, bias)`` | ``Q -> DQ -> MatMul <- DQ(<w>)``, ``Add(bias)`` | ``UnfoldMatMulIntegerToFloat`` |
+| ``com.microsoft.MultiHeadAttention(q, k, v)`` | heads split by Reshape/Transpose, ``MatMul``, ``Softmax``, ``MatMul`` | ``UnfuseMultiHeadAttention`` (in ``attention.py`` beside the fusion) |
 
 The weight tensors a layer reads are recorded in its :class:`LayerRecord`; a rewrite touches only recorded
 weights, and restores the record (``Fp8WeightsAsCast`` points it at the folded weight).
@@ -194,6 +195,7 @@ class UnfoldMatMulIntegerToFloat(LoweringPass):
                 created.outputs[0].name = created.name
             graph.insert_before(node, new_nodes)
             name = node.outputs[0].name
+            result.shape = node.outputs[0].shape  # what later passes match on (the attention's [B, T, hidden])
             node.outputs[0].replace_all_uses_with(result, replace_graph_outputs=True)
             node.outputs[0].name = f"{name}.folded"
             graph.remove(node, safe=True)

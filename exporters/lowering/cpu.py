@@ -18,6 +18,9 @@ FP4 GEMM anywhere on the CPU; FP4 x FP4 products run exactly on the int8 kernels
 ONNX Runtime 1.31's QDQ fusion matches the FP8 pattern into ``MatMulIntegerToFloat``, which then fails type
 checking and the session does not load (measured); the Cast/Mul form loads, is folded to a float32 weight at
 load, and runs a float ``MatMul`` (FP8 saves disk here, not time). Activations keep FP8 Q/DQ.
+
+``FuseMultiHeadAttention`` (``attention.py``): the float attention (without ``--quantize-attention``) becomes
+``com.microsoft.MultiHeadAttention``, one CPU kernel for the scores, softmax and mixing.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from . import LayerRecord, LoweringPass, initializers_named
+from . import LayerRecord, LoweringContext, LoweringPass, initializers_named
 
 
 def replace_initializer_with_node_output(model: ir.Model, value: ir.Value, node: ir.Node) -> None:
@@ -142,9 +145,11 @@ class Fp8WeightsAsCast(LoweringPass):
                                "float weights at load)")
 
 
-def passes(layers: dict[str, LayerRecord]) -> list[LoweringPass]:
+def passes(layers: dict[str, LayerRecord], context: LoweringContext) -> list[LoweringPass]:
+    from .attention import FuseMultiHeadAttention
     from .cpu_kernels import FoldBiasIntoIntegerGemm  # it reads weights as constants, before packing
     from .cpu_nbits import BlockWeightsToMatMulNBits, DynamicInputsToDynamicQuantizeMatMul
 
     return [BlockWeightsToMatMulNBits(layers), DynamicInputsToDynamicQuantizeMatMul(layers),
-            FoldBiasIntoIntegerGemm(layers), PackInt4Weights(layers), PackFp4Weights(layers), Fp8WeightsAsCast(layers)]
+            FoldBiasIntoIntegerGemm(layers), PackInt4Weights(layers), PackFp4Weights(layers), Fp8WeightsAsCast(layers),
+            FuseMultiHeadAttention(layers, context)]

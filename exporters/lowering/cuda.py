@@ -20,10 +20,8 @@ Passes, in order:
    ``FP16_LIMIT`` = 65504 / 4 in magnitude stays float32: float16's largest finite value with a 4x headroom
    for inputs beyond those seen. (ONNX Runtime's float16 LayerNormalization and Softmax accumulate in float32,
    so what can overflow is the tensors themselves.)
-4. ``FuseMultiHeadAttention``: the exported scaled-dot-product attention, ``softmax((q s_q)(k s_k)^T) v`` over
-   heads split by Reshape/Transpose, becomes ``MultiHeadAttention(q, k, v, num_heads, scale = s_q s_k)`` on
-   ``[B, T, hidden]`` tensors (ONNX Runtime contrib op; the CUDA kernel picks flash / memory-efficient
-   attention). The pattern is the one ``torch.onnx`` writes; a mismatch declines with the reason.
+4. ``FuseMultiHeadAttention`` (``attention.py``): the exported scaled-dot-product attention becomes
+   ``com.microsoft.MultiHeadAttention`` (the CUDA kernel picks flash / memory-efficient attention).
 5. ``WeightsToMatMulNBits``: ``MatMul(x, DequantizeLinear(W_q [K, N], s [N], 0, axis=1))`` becomes
    ``MatMulNBits(x, B, scales, K, N, bits, block_size)``. Algebra: MatMulNBits computes
    ``y[n] = sum_k x[k] (B[n, k] - z) scales[n, k // block]`` with the default zero point ``z = 2^(bits-1)``;
@@ -40,13 +38,12 @@ Passes, in order:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common: shape inference, dead-code removal)
 
 from . import LayerRecord, LoweringContext, LoweringPass, all_nodes
+from .attention import FuseMultiHeadAttention
 from .shared import (DequantizeConstantBiases, RemoveDeadCode, SplitSequencesToSplit, add_initializer,
                      constant_array, mark_origin, probe_ranges)
 
@@ -186,142 +183,6 @@ def _sinusoid_argument(sinusoid: ir.Node) -> list[ir.Node]:
             continue  # the timestep's int -> float cast: the argument starts here
         stack.extend(v for v in producer.inputs if v is not None)
     return found
-
-
-def scalar_value(value: ir.Value | None, depth: int = 0) -> float | None:
-    """The value of a scalar computed from constants (the exported attention scale chain), else None."""
-    if value is None or depth > 12:
-        return None
-    array = constant_array(value)
-    if array is not None:
-        return float(array.reshape(-1)[0]) if array.size == 1 else None
-    node = value.producer()
-    if node is None:
-        return None
-    args = [scalar_value(v, depth + 1) for v in node.inputs]
-    if node.op_type in ("CastLike", "Cast", "Identity") and args and args[0] is not None:
-        return args[0]
-    if node.op_type == "Sqrt" and args[0] is not None and args[0] >= 0:
-        return math.sqrt(args[0])
-    if node.op_type == "Reciprocal" and args[0]:
-        return 1.0 / args[0]
-    if node.op_type in ("Div", "Mul") and len(args) == 2 and None not in args:
-        return args[0] / args[1] if node.op_type == "Div" and args[1] else args[0] * args[1]
-    return None
-
-
-def _producer(value: ir.Value | None, op_type: str, perm: list[int] | None = None) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    if node is None or node.op_type != op_type:
-        return None
-    if perm is not None and list(node.attributes["perm"].as_ints()) != perm:
-        return None
-    return node
-
-
-def _strip_scale(value: ir.Value) -> tuple[ir.Value, float | None]:
-    """``value = inner * s`` with a constant scalar ``s``: (inner, s); else (value, 1.0)."""
-    node = _producer(value, "Mul")
-    if node is None:
-        return value, 1.0
-    for i in (0, 1):
-        s = scalar_value(node.inputs[1 - i])
-        if s is not None:
-            return node.inputs[i], s
-    return value, None
-
-
-def _heads_of(value: ir.Value) -> ir.Value | None:
-    """``Transpose(Reshape(x3, [B, T, H, D]), perm=[0, 2, 1, 3])``: x3 (rank 3), else None."""
-    transpose = _producer(value, "Transpose", [0, 2, 1, 3])
-    reshape = _producer(transpose.inputs[0], "Reshape") if transpose else None
-    if reshape is None or reshape.inputs[0].shape is None or len(reshape.inputs[0].shape) != 3:
-        return None
-    return reshape.inputs[0]
-
-
-def _keys_transposed(value: ir.Value) -> ir.Value | None:
-    """The keys ``[B, H, D, T]``: the exporter's ``Reshape(Transpose(Reshape(heads(k3), [BH, T, D]), [0, 2, 1]))``,
-    or ``Transpose(heads(k3), [0, 1, 3, 2])``, or ``Transpose(Reshape(k3), [0, 2, 3, 1])``: k3, else None."""
-    outer = _producer(value, "Reshape")
-    if outer is not None:
-        middle = _producer(outer.inputs[0], "Transpose", [0, 2, 1])
-        inner = _producer(middle.inputs[0], "Reshape") if middle else None
-        return _heads_of(inner.inputs[0]) if inner else None
-    direct = _producer(value, "Transpose", [0, 1, 3, 2])
-    if direct is not None:
-        return _heads_of(direct.inputs[0])
-    split = _producer(value, "Transpose", [0, 2, 3, 1])
-    reshape = _producer(split.inputs[0], "Reshape") if split else None
-    return reshape.inputs[0] if reshape and reshape.inputs[0].shape is not None and \
-        len(reshape.inputs[0].shape) == 3 else None
-
-
-class FuseMultiHeadAttention(LoweringPass):
-    name = "fuse_multi_head_attention"
-
-    def lower(self, model):
-        fused, declined = 0, []
-        for softmax in list(all_nodes(model.graph)):
-            if softmax.op_type != "Softmax" or softmax.graph is None:
-                continue
-            match = self._match(softmax)
-            if isinstance(match, str):
-                declined.append(f"{softmax.name}: {match}")
-                continue
-            q3, k3, v3, out3, heads, scale = match
-            attention = mark_origin(ir.node("MultiHeadAttention", [q3, k3, v3],
-                                            {"num_heads": heads, "scale": float(scale)}, domain=MS_DOMAIN,
-                                            name=f"{softmax.name}.attention"), self.name)
-            output = attention.outputs[0]
-            output.dtype, output.shape = out3.dtype or ir.DataType.FLOAT, out3.shape
-            softmax.graph.insert_before(softmax, attention)
-            name = out3.name
-            out3.replace_all_uses_with(output)
-            out3.name = f"{name}.unfused"
-            output.name = name
-            fused += 1
-        if fused:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
-        summary = f"fused {fused} attention blocks into com.microsoft.MultiHeadAttention"
-        if declined:
-            summary += f"; declined {len(declined)} ({declined[0]})"
-        return fused > 0, summary
-
-    @staticmethod
-    def _match(softmax: ir.Node):
-        axis = softmax.attributes["axis"].as_int() if "axis" in softmax.attributes else -1
-        if axis != -1:
-            return f"softmax over axis {axis}, not the keys"
-        scores = _producer(softmax.inputs[0], "MatMul")
-        uses = list(softmax.outputs[0].uses())
-        if scores is None or len(uses) != 1 or uses[0].node.op_type != "MatMul" or uses[0].idx != 0:
-            return "not softmax(q k^T) v"
-        mixing = uses[0].node
-        q_scaled, q_scale = _strip_scale(scores.inputs[0])
-        k_scaled, k_scale = _strip_scale(scores.inputs[1])
-        if q_scale is None or k_scale is None:
-            return "the attention scale is not a constant"
-        q3, k3, v3 = _heads_of(q_scaled), _keys_transposed(k_scaled), _heads_of(mixing.inputs[1])
-        if q3 is None or k3 is None or v3 is None:
-            return "q, k or v is not a [B, T, hidden] tensor split into heads"
-        merge = list(mixing.outputs[0].uses())
-        transpose = merge[0].node if len(merge) == 1 else None
-        if transpose is None or transpose.op_type != "Transpose" or \
-                list(transpose.attributes["perm"].as_ints()) != [0, 2, 1, 3]:
-            return "the heads are not merged back by Transpose(0, 2, 1, 3)"
-        reshape_uses = list(transpose.outputs[0].uses())
-        if len(reshape_uses) != 1 or reshape_uses[0].node.op_type != "Reshape":
-            return "the heads are not merged back by Reshape"
-        out3 = reshape_uses[0].node.outputs[0]
-        shape = mixing.inputs[1].shape  # [B, H, T, D]
-        if shape is None or len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
-            return "the head count is not static"
-        heads, head_dim = shape[1], shape[3]
-        for value in (q3, k3, v3):
-            if value.shape is None or value.shape[-1] != heads * head_dim:
-                return f"hidden size is not heads x head size ({heads} x {head_dim})"
-        return q3, k3, v3, out3, heads, q_scale * k_scale
 
 
 def block_size_for(k: int) -> int:
