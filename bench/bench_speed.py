@@ -407,7 +407,7 @@ def write_report(results: list[dict], args, path: Path) -> None:
         phases = ", ".join(f"{label} {rss / 1e9:.2f} GB / {seconds:.0f} s"
                            for label, rss, seconds in compile_info["phases"])
         lines += [f"Compile (ditq W8A8, a child process): {compile_info['seconds']:.0f} s, peak host memory "
-                  f"{peak / 1e9:.2f} GB = {peak / fp32:.2f}x the FP32 model ({fp32 / 1e9:.2f} GB; goal at most "
+                  f"{peak / 1e9:.2f} GB (the child's high-water mark, VmHWM) = {peak / fp32:.2f}x the FP32 model ({fp32 / 1e9:.2f} GB; goal at most "
                   f"{MEMORY_GOAL}x). Peak resident memory and time by phase (\"{OUTSIDE_PHASES}\": the fx passes other "
                   f"than calibration, and the steps between phases such as writing the manifest and loading the "
                   f"artifact back): {phases}.", ""]

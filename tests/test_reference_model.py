@@ -13,8 +13,12 @@ from conftest import REFERENCE_MODEL
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 STEPS, LABELS = 25, list(range(10))
-# Measured 41.1 dB at this setting when the test was written; 35 dB leaves room for platform noise while a
-# broken pass (a mis-scaled or lost layer) costs far more.
+# The mean over several sampling seeds: one seed's PSNR is chaotic. A rounding flip in one activation quantizer
+# moves the next step's input, and 25 guided steps amplify it: two lowerings that agree to 2e-5 per call (the
+# float attention fused into MultiHeadAttention or not) end 2.8 dB apart on seed 0 (34.4 vs 37.2 dB), while
+# their means over seeds 0-7 agree (39.1 +- 0.7 vs 39.2 +- 0.4 dB). Measured 41.1 dB on seed 0 when the test
+# was written; 35 dB leaves room for that noise while a broken pass (a mis-scaled or lost layer) costs far more.
+SEEDS = (0, 1, 2, 3)
 MIN_PSNR_DB = 35.0
 
 
@@ -30,10 +34,14 @@ def test_w8a8_reference_artifact_stays_consistent_with_fp(reference_artifact):
     from ditq_compiler.sampling import sample
 
     loaded = load_checkpoint(REFERENCE_MODEL)
-    with torch.no_grad():
-        fp = sample(lambda x, t, y: loaded.model(x, timestep=t, class_labels=y).sample, loaded.scheduler_config,
-                    loaded.model_config, LABELS, steps=STEPS, guidance_scale=4.0, seed=0)
-    quantized = reference_artifact.sample(LABELS, steps=STEPS, guidance_scale=4.0, seed=0, provider="cpu")
-    value = psnr(quantized, fp)
-    assert value >= MIN_PSNR_DB, f"W8A8 vs FP PSNR {value:.2f} dB < {MIN_PSNR_DB} dB"
+    values = []
+    for seed in SEEDS:
+        with torch.no_grad():
+            fp = sample(lambda x, t, y: loaded.model(x, timestep=t, class_labels=y).sample, loaded.scheduler_config,
+                        loaded.model_config, LABELS, steps=STEPS, guidance_scale=4.0, seed=seed)
+        quantized = reference_artifact.sample(LABELS, steps=STEPS, guidance_scale=4.0, seed=seed, provider="cpu")
+        values.append(psnr(quantized, fp))
+    mean = sum(values) / len(values)
+    assert mean >= MIN_PSNR_DB, \
+        f"W8A8 vs FP PSNR {mean:.2f} dB < {MIN_PSNR_DB} dB (seeds {SEEDS}: {', '.join(f'{v:.2f}' for v in values)})"
     assert reference_artifact.manifest["fusion"]["unfused"] == {}
