@@ -144,6 +144,14 @@ class PassManager:
         self.records: list[PassRecord] = []
 
     def run(self, gm: fx.GraphModule, ctx: "CompileContext") -> fx.GraphModule:
+        from .memory import older_objects_frozen
+
+        with older_objects_frozen():  # each pass's release_freed_memory scans only what the passes made
+            return self._run(gm, ctx)
+
+    def _run(self, gm: fx.GraphModule, ctx: "CompileContext") -> fx.GraphModule:
+        from .memory import release_freed_memory
+
         for instrument in self.instruments:
             instrument.before_pipeline(gm, ctx)
         reference = None  # the current graph's output on the check inputs, computed when first needed
@@ -166,6 +174,10 @@ class PassManager:
             self.records.append(PassRecord(graph_pass.name, result.modified, result.summary, seconds))
             for instrument in self.instruments:
                 instrument.after_pass(index, graph_pass, result, seconds, ctx)
+            # What a pass freed (calibration's activations, the float weights Q/DQ insertion replaced) stays
+            # resident in glibc's heap otherwise. Measured on DiT-XL/2 with integer attention: 7.35 GB resident
+            # after the passes without this, 3.95 GB with it (the live data is the same).
+            release_freed_memory()
         for instrument in self.instruments:
             instrument.after_pipeline(gm, ctx)
         return gm

@@ -225,6 +225,27 @@ def test_pass_manager_catches_a_pass_that_breaks_its_promise():
         PassManager([Breaks()]).run(gm, ctx)
 
 
+def test_pass_manager_hands_freed_memory_back_after_every_pass(monkeypatch):
+    """After each pass the manager releases what the pass freed (``memory.release_freed_memory``), with the
+    objects older than the run frozen so each collection scans only what the passes made."""
+    import gc
+
+    from ditq_compiler import memory
+
+    class Noop(GraphPass):
+        name = "noop"
+
+        def run(self, gm, ctx):
+            return PassResult(gm, False, "nothing")
+
+    seen = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: seen.append(gc.get_freeze_count() > 0))
+    gm, ctx, _ = _traced()
+    PassManager([Noop(), Noop(), Noop()]).run(gm, ctx)
+    assert seen == [True, True, True]
+    assert gc.get_freeze_count() == 0  # thawed again
+
+
 def test_dump_instrument_writes_every_pass_and_timings(tmp_path):
     from ditq_compiler.pass_manager import DumpInstrument
     from ditq_compiler.pipeline import build_passes
