@@ -276,6 +276,6 @@ class UnfuseMultiHeadAttention(LoweringPass):
             if value.shape is None or len(value.shape) != 3 or not isinstance(value.shape[-1], int) or \
                     value.shape[-1] % heads:
                 return f"{value.name} is not [B, T, hidden] with hidden a multiple of {heads} heads"
-        if any(node.attributes[a].as_int() for a in ("unidirectional",) if a in node.attributes):
+        if "unidirectional" in node.attributes and node.attributes["unidirectional"].as_int():
             return "it is causal (unidirectional)"
         return ""
