@@ -141,16 +141,17 @@ def run_row(label: str, batch: int, work: Path, rounds: int) -> dict:
         if denoise is None:
             return {"skipped": provider}
     from ditq_compiler.loading import DEFAULT_SCHEDULER_CONFIG
+    from ditq_compiler.families import DIT
     from ditq_compiler.sampling import sample
 
     sampler = GpuMemorySampler()
     context = sampler.current()
     with sampler:
-        sample(denoise, DEFAULT_SCHEDULER_CONFIG, XL, labels, steps=STEPS, guidance_scale=4.0, seed=0)  # warm-up
+        sample(DIT, denoise, DEFAULT_SCHEDULER_CONFIG, XL, labels, steps=STEPS, guidance_scale=4.0, seed=0)  # warm-up
         times = []
         for _ in range(rounds):
             start = time.perf_counter()
-            sample(denoise, DEFAULT_SCHEDULER_CONFIG, XL, labels, steps=STEPS, guidance_scale=4.0, seed=0)
+            sample(DIT, denoise, DEFAULT_SCHEDULER_CONFIG, XL, labels, steps=STEPS, guidance_scale=4.0, seed=0)
             times.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times),
             "peak_mb": (sampler.peak - context) / 2**20 if sampler.available else None,
@@ -186,14 +187,15 @@ def _float_denoiser(checkpoint: Path, target: str, provider: str, work: Path):
 
     from ditq_compiler.exporters import export_onnx, save_onnx
     from ditq_compiler.exporters.lowering import LoweringContext, lower
+    from ditq_compiler.families import DIT
     from ditq_compiler.runtime import create_session, run_denoiser, tensorrt_provider_options
-    from ditq_compiler.tracing import example_inputs, trace_dit
+    from ditq_compiler.tracing import trace_model
 
     path = work / f"float-{target}" / "model.onnx"
     if not path.is_file():
         model = DiTTransformer2DModel.from_pretrained(checkpoint).eval()
-        inputs = example_inputs(XL, batch=2)
-        exported = export_onnx(trace_dit(model, inputs), XL)
+        inputs = DIT.example_inputs(XL, batch=2)
+        exported = export_onnx(trace_model(model, DIT, XL, inputs), DIT.signature(XL), inputs)
         probe = {0: [tuple(t.numpy() for t in inputs)]}
         lowered = lower(exported, target, {}, context=LoweringContext(probe_inputs=probe))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +205,7 @@ def _float_denoiser(checkpoint: Path, target: str, provider: str, work: Path):
                              tensorrt_options=tensorrt_provider_options(work / "trt-cache", int8=False))
 
     def denoise(x, t, y):
-        return torch.from_numpy(run_denoiser(session, x.numpy(), t.numpy(), y.numpy()))
+        return torch.from_numpy(run_denoiser(session, DIT.signature(XL), (x, t, y)))
     return denoise, session.get_providers()[0]
 
 
@@ -212,6 +214,7 @@ def _torch_row(checkpoint: Path, labels: list[int], rounds: int) -> dict:
     from diffusers import DiTTransformer2DModel
 
     from ditq_compiler.loading import DEFAULT_SCHEDULER_CONFIG
+    from ditq_compiler.families import DIT
     from ditq_compiler.sampling import sample
 
     model = DiTTransformer2DModel.from_pretrained(checkpoint, torch_dtype=torch.float16).cuda().eval()
@@ -222,12 +225,12 @@ def _torch_row(checkpoint: Path, labels: list[int], rounds: int) -> dict:
         return model(x.cuda().half(), t.cuda(), y.cuda()).sample.float().cpu()
 
     torch.cuda.reset_peak_memory_stats()
-    sample(denoise, DEFAULT_SCHEDULER_CONFIG, config, labels, steps=STEPS, guidance_scale=4.0, seed=0)
+    sample(DIT, denoise, DEFAULT_SCHEDULER_CONFIG, config, labels, steps=STEPS, guidance_scale=4.0, seed=0)
     times = []
     for _ in range(rounds):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        sample(denoise, DEFAULT_SCHEDULER_CONFIG, config, labels, steps=STEPS, guidance_scale=4.0, seed=0)
+        sample(DIT, denoise, DEFAULT_SCHEDULER_CONFIG, config, labels, steps=STEPS, guidance_scale=4.0, seed=0)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times), "peak_mb": torch.cuda.max_memory_allocated() / 2**20,

@@ -62,7 +62,7 @@ class RowResult:
 
 
 def evaluate(rows: dict[str, Path], loaded, args):
-    from ditq_compiler.sampling import iterate_sampling
+    from ditq_compiler.families import DIT
 
     classifier = load_classifier(ROOT / "models" / "digits-classifier")
     real, _ = load_digits_tensors()
@@ -105,7 +105,7 @@ def evaluate(rows: dict[str, Path], loaded, args):
         inputs.append((x, t, y))
         return fp(x, t, y)
 
-    for _ in iterate_sampling(record, loaded.scheduler_config, loaded.model_config, labels[:args.trajectory_samples],
+    for _ in DIT.iterate_sampling(record, loaded.scheduler_config, loaded.model_config, labels[:args.trajectory_samples],
                               steps=args.steps[0], guidance_scale=args.guidance_scale, seed=args.seed):
         pass
     per_timestep = {}

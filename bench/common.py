@@ -37,21 +37,22 @@ def machine_description() -> str:
 
 def export_fp32(model: torch.nn.Module, path: Path) -> None:
     from ditq_compiler.exporters import export_onnx, save_onnx
-    from ditq_compiler.tracing import example_inputs, trace_dit
+    from ditq_compiler.families import DIT
+    from ditq_compiler.tracing import trace_model
 
     config = dict(model.config)
-    gm = trace_dit(model, example_inputs(config))
-    save_onnx(export_onnx(gm, config), path)
+    inputs = DIT.example_inputs(config)
+    gm = trace_model(model, DIT, config, inputs)
+    save_onnx(export_onnx(gm, DIT.signature(config), inputs), path)
 
 
 def trajectory_batches(model: torch.nn.Module, scheduler_config: dict, *, steps: int, samples: int,
                        guidance_scale: float, seed: int) -> list[dict[str, np.ndarray]]:
     """The denoiser inputs met along ditq's calibration trajectories (same labels, noise and steps)."""
-    from ditq_compiler.passes.calibrate import calibration_labels
-    from ditq_compiler.sampling import iterate_sampling
+    from ditq_compiler.families import DIT
 
     config = dict(model.config)
-    labels = calibration_labels(int(config["num_embeds_ada_norm"]), samples, seed)
+    labels = DIT.calibration_conditions(config, samples, seed)
     batches = []
 
     def denoise(x, t, y):
@@ -59,8 +60,8 @@ def trajectory_batches(model: torch.nn.Module, scheduler_config: dict, *, steps:
         return model(x, timestep=t, class_labels=y, return_dict=False)[0]
 
     with torch.no_grad():
-        for _ in iterate_sampling(denoise, scheduler_config, config, labels, steps=steps,
-                                  guidance_scale=guidance_scale, seed=seed):
+        for _ in DIT.iterate_sampling(denoise, scheduler_config, config, labels, steps=steps,
+                                      guidance_scale=guidance_scale, seed=seed):
             pass
     return batches
 

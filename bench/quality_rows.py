@@ -187,7 +187,8 @@ def class_labels(count: int) -> list[int]:
 
 def sample_row(path: Path, loaded, count: int, *, steps: int, guidance_scale: float, seed: int) -> torch.Tensor:
     """``count`` samples (classes 0-9 in turn) of the model at ``path``, ``[count, C, H, W]``."""
+    from ditq_compiler.families import DIT
     from ditq_compiler.sampling import sample
 
-    return sample(ort_denoiser(path), loaded.scheduler_config, loaded.model_config, class_labels(count),
+    return sample(DIT, ort_denoiser(path), loaded.scheduler_config, loaded.model_config, class_labels(count),
                   steps=steps, guidance_scale=guidance_scale, seed=seed)

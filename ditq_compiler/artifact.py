@@ -24,7 +24,7 @@ from .errors import ArtifactError
 from .integrity import (COMPILE_LOG_FILE, FORMAT_VERSION, MANIFEST_FILE, MODEL_FILE, file_records,
                         group_model_file, manifest_text, parse_manifest, verify_files)
 from .limits import DEFAULT_TRAIN_TIMESTEPS, check_guidance_scale, check_seed, check_steps
-from .sampling import check_timesteps, sample as run_sampling
+from .sampling import sample as run_sampling
 from .staging import check_output_dir, recover_interrupted_replace, staging_directory
 
 __all__ = ["Artifact", "COMPILE_LOG_FILE", "FORMAT_VERSION", "MANIFEST_FILE", "MODEL_FILE", "check_output_dir",
@@ -91,6 +91,22 @@ class Artifact:
         return self.manifest["scheduler"]
 
     @property
+    def family(self):
+        """The model family adapter of the artifact's model class."""
+        from .families import family_for
+
+        return family_for(str(self.manifest["model"]["class"]))
+
+    @property
+    def signature(self):
+        """The denoiser's inputs and output (the family's signature for the compiled config)."""
+        return self.family.signature(self.model_config)
+
+    @property
+    def timestep_domain(self):
+        return self.family.timestep_domain(self.scheduler_config)
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.scheduler_config.get("num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS))
 
@@ -151,36 +167,43 @@ class Artifact:
             if isinstance(layers, dict) else set()
         return not formats or any(not f.startswith("float8") for f in formats)
 
-    def denoise(self, sample, timestep, class_labels, provider: str = "auto") -> np.ndarray:
-        """One call of the denoiser: the diffusers model's ``.sample`` for these inputs."""
+    def denoise(self, *inputs, provider: str = "auto") -> np.ndarray:
+        """One call of the denoiser on its inputs in signature order (DiT: ``sample, timestep, class_labels``):
+        the diffusers model's ``.sample`` for these inputs."""
         from .runtime import run_denoiser
 
-        timestep_tensor = torch.as_tensor(np.asarray(timestep, dtype=np.int64))
-        check_timesteps(timestep_tensor, self.num_train_timesteps)
-        sample, timesteps, labels = np.asarray(sample), timestep_tensor.numpy(), np.asarray(class_labels)
+        signature = self.signature
+        timestep_at = signature.index("timestep")
+        domain = self.timestep_domain
+        timesteps = np.asarray(inputs[timestep_at], dtype=domain.dtype)
+        domain.check(torch.as_tensor(timesteps))
+        inputs = tuple(np.asarray(value) if position != timestep_at else timesteps
+                       for position, value in enumerate(inputs))
         groups = self.group_model_paths
         if groups and self.provider_choice(provider).provider == "tensorrt":
-            return self.denoise_by_group(groups, sample, timesteps, labels, provider)
-        return run_denoiser(self.session(provider), sample, timesteps, labels)
+            return self.denoise_by_group(groups, inputs, provider)
+        return run_denoiser(self.session(provider), signature, inputs)
 
-    def denoise_by_group(self, paths: list[Path], sample, timesteps, labels, provider: str) -> np.ndarray:
+    def denoise_by_group(self, paths: list[Path], inputs: tuple, provider: str) -> np.ndarray:
         """Rows grouped by timestep group (the manifest's ``timestep_groups``), each group's model run on its
         rows, results put back in row order: what ``model.onnx``'s If dispatch computes."""
         from .runtime import run_denoiser
 
-        ends = np.asarray([int(g["end"]) for g in self.manifest["timestep_groups"]])
+        signature = self.signature
+        timesteps = inputs[signature.index("timestep")]
+        ends = np.asarray([g["end"] for g in self.manifest["timestep_groups"]], dtype=timesteps.dtype)
         row_group = np.searchsorted(ends, timesteps, side="left")
         out = None
         for group in np.unique(row_group):
             rows = np.nonzero(row_group == group)[0]
-            result = run_denoiser(self.session(provider, model_path=paths[int(group)]), sample[rows], timesteps[rows],
-                                  labels[rows])
+            result = run_denoiser(self.session(provider, model_path=paths[int(group)]), signature,
+                                  signature.rows(inputs, rows))
             if out is None:
                 out = np.empty((len(timesteps), *result.shape[1:]), dtype=result.dtype)
             out[rows] = result
         return out
 
-    def sample(self, class_labels: list[int], *, steps: int = 50, guidance_scale: float = 4.0, seed: int = 0,
+    def sample(self, conditions: list, *, steps: int = 50, guidance_scale: float = 4.0, seed: int = 0,
                provider: str = "auto", progress: bool = False) -> torch.Tensor:
         """Run the sampling loop; numeric options are checked first, and samples that came out NaN or
         inf are an error rather than a file of garbage."""
@@ -188,10 +211,11 @@ class Artifact:
         guidance_scale = check_guidance_scale(guidance_scale)
         seed = check_seed(seed)
 
-        def denoise(x, t, y):
-            return torch.from_numpy(self.denoise(x.numpy(), t, y.numpy(), provider=provider))
+        def denoise(*inputs):
+            return torch.from_numpy(self.denoise(*inputs, provider=provider))
 
-        samples = run_sampling(denoise, self.scheduler_config, self.model_config, list(class_labels), steps=steps,
+        samples = run_sampling(self.family, denoise, self.scheduler_config, self.model_config, list(conditions),
+                               steps=steps,
                                guidance_scale=guidance_scale, seed=seed, progress=progress)
         if not bool(torch.isfinite(samples).all()):
             raise ArtifactError(f"sampling {self.path} produced NaN or inf (guidance scale {guidance_scale:g}, "

@@ -40,6 +40,11 @@ def _formats_help() -> str:
 
 def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="diffusers DiT directory or original DiT .pt")
+    parser.add_argument("--num-heads", type=int, default=None, metavar="N",
+                        help="attention heads of an original DiT .pt, whose tensors do not say it: needed when "
+                             "its width is none of the published sizes (DiT-S/B/L/XL: 384/768/1024/1152) and it "
+                             "is no training checkpoint naming its model (args.model); N must divide the width. "
+                             "A diffusers config's num_attention_heads must agree with it")
     parser.add_argument("--format", default="w8a8", metavar="FORMAT", help=f"number format. {_formats_help()}")
     parser.add_argument("--recipe", default="minmax", metavar="RECIPE",
                         help="how quantization parameters are chosen (default minmax). " +
@@ -141,6 +146,7 @@ def _config_from(args) -> CompileConfig:
         act=args.act, weight_block=args.weight_block,
         reconstruct=args.reconstruct, reconstruct_iters=args.reconstruct_iters, time_budget_min=args.time_budget,
         reconstruct_weights=args.reconstruct_weights,
+        num_heads=args.num_heads,
     ).validate()
 
 

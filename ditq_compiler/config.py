@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError
-from .family import DIT
 from .qspec import QuantizerSpec
 
 
@@ -272,6 +271,9 @@ class CompileConfig:
     reconstruct_iters: int = 200
     time_budget_min: float | None = None
     reconstruct_weights: str = "pooled"
+    # attention heads of an original DiT .pt whose tensors and training args do not give them (--num-heads);
+    # checked by the loader
+    num_heads: int | None = None
 
     def validate(self) -> "CompileConfig":
         if self.format not in FORMATS:
@@ -443,12 +445,12 @@ class CompileConfig:
     def with_rules(self, *rules: LayerRule) -> "CompileConfig":
         return replace(self, layer_rules=self.layer_rules + tuple(rules))
 
-    def select_layers(self, layer_names: list[str]) -> dict[str, str | None]:
-        """The precision of each of ``layer_names`` (None: kept in float), after the family's default set
+    def select_layers(self, layer_names: list[str], family) -> dict[str, str | None]:
+        """The precision of each of ``layer_names`` (None: kept in float), after ``family``'s default set
         (the format's precision; its optional roles too with ``quantize_embedders``) and the rules (later rules
         win)."""
         default = self.format_spec.precision
-        decision = {name: default if DIT.quantized_by_default(name, self.quantize_embedders) else None
+        decision = {name: default if family.quantized_by_default(name, self.quantize_embedders) else None
                     for name in layer_names}
         for rule in self.layer_rules:
             matched = [name for name in layer_names if fnmatch.fnmatchcase(name, rule.pattern)]

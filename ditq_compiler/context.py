@@ -9,7 +9,7 @@ import torch
 
 from .calibration import ActivationStats
 from .config import CompileConfig
-from .family import DIT, ModelFamily
+from .families import DIT, ModelFamily, Signature, TimestepDomain
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,14 @@ class CompileContext:
                 timesteps = [timesteps[p] for p in sorted(set(positions))]
             chosen[group.index] = [self.calibration_inputs[t] for t in timesteps]
         return chosen
+
+    @property
+    def signature(self) -> Signature:
+        return self.family.signature(self.model_config)
+
+    @property
+    def timestep_domain(self) -> TimestepDomain:
+        return self.family.timestep_domain(self.scheduler_config)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -19,7 +19,6 @@ import torch
 from .grouped import get_tensor
 from .qspec import PROVENANCE_KEY, ROTATION_KEY, SMOOTHING_KEY, InputSmoothing
 from .quant_ops import dequantize, quantize
-from .sampling import iterate_sampling
 
 
 @dataclass
@@ -83,10 +82,11 @@ def quantized_layers(gm) -> dict[str, LayerQuantization]:
     return layers
 
 
-def measure_layer_errors(model: torch.nn.Module, groups, layers_by_group: list[dict[str, LayerQuantization]],
+def measure_layer_errors(model: torch.nn.Module, family, groups, layers_by_group: list[dict[str, LayerQuantization]],
                          scheduler_config: dict, model_config: dict, *, steps: int, samples: int = 2,
                          guidance_scale: float = 4.0, seed: int = 0) -> dict[str, dict[int, float]]:
-    """``layers_by_group[g]``: the quantized layers of timestep group ``groups[g]``'s branch."""
+    """``layers_by_group[g]``: the quantized layers of timestep group ``groups[g]``'s branch; the trajectories
+    are ``family``'s sampling loop on ``samples`` of its calibration conditions."""
     errors: dict[str, dict[int, float]] = {name: {} for name in layers_by_group[0]}
     current = {"calls": {}}
     handles = []
@@ -106,19 +106,21 @@ def measure_layer_errors(model: torch.nn.Module, groups, layers_by_group: list[d
     for module_name in dict.fromkeys(key.split("#")[0] for key in errors):
         handles.append(modules[module_name].register_forward_hook(make_hook(module_name)))
 
-    def denoise(x, t, y):
-        current["t"] = int(t[0])  # every row of a sampling batch shares the step's timestep
+    signature = family.signature(model_config)
+    timestep_at = signature.index("timestep")
+
+    def denoise(*inputs):
+        current["t"] = inputs[timestep_at][0].item()  # every row of a sampling batch shares the step's timestep
         current["calls"] = {}
         group = next(g.index for g in groups if g.contains(current["t"]))
         current["layers"] = layers_by_group[group]
-        return model(x, timestep=t, class_labels=y, return_dict=False)[0]
+        return model(**signature.kwargs(inputs), return_dict=False)[0]
 
-    num_classes = int(model_config["num_embeds_ada_norm"])
-    labels = [(seed + i) % num_classes for i in range(samples)]
+    conditions = family.calibration_conditions(model_config, samples, seed)
     try:
         with torch.no_grad():
-            for _ in iterate_sampling(denoise, scheduler_config, model_config, labels, steps=steps,
-                                      guidance_scale=guidance_scale, seed=seed):
+            for _ in family.iterate_sampling(denoise, scheduler_config, model_config, conditions, steps=steps,
+                                             guidance_scale=guidance_scale, seed=seed):
                 pass
     finally:
         for handle in handles:
@@ -131,7 +133,7 @@ def layer_error_report(result, dump_dir: Path, top: int = 10) -> str:
 
     ctx = result.context
     layers_by_group = [quantized_layers(gm) for gm in graph_modules(result.graph_module)]
-    errors = measure_layer_errors(result.checkpoint.model, ctx.timestep_groups, layers_by_group,
+    errors = measure_layer_errors(result.checkpoint.model, ctx.family, ctx.timestep_groups, layers_by_group,
                                   ctx.scheduler_config, ctx.model_config, steps=ctx.config.calibration.steps,
                                   guidance_scale=ctx.config.calibration.guidance_scale,
                                   seed=ctx.config.calibration.seed)

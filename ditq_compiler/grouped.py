@@ -28,37 +28,39 @@ from .errors import TimestepError
 
 
 class TimestepGroupedModule(torch.nn.Module):
-    def __init__(self, branches: list[fx.GraphModule], groups):
+    def __init__(self, branches: list[fx.GraphModule], groups, timestep_index: int):
+        """``timestep_index``: the position of the timestep among the inputs (the family signature's)."""
         super().__init__()
         if len(branches) != len(groups):
             raise ValueError("one branch per timestep group")
         self.branches = torch.nn.ModuleList(branches)
         self.groups = list(groups)
-        self.register_buffer("group_ends", torch.tensor([g.end for g in self.groups], dtype=torch.int64),
-                             persistent=False)
+        self.timestep_index = timestep_index
+        self.register_buffer("group_ends", torch.tensor([g.end for g in self.groups]), persistent=False)
 
     def graph_modules(self) -> list[fx.GraphModule]:
         return list(self.branches)
 
     def group_of(self, timestep: torch.Tensor) -> torch.Tensor:
-        bad = (timestep < 0) | (timestep > self.groups[-1].end)
+        first, last = self.groups[0].start, self.groups[-1].end
+        bad = (timestep < first) | (timestep > last)
         if bool(bad.any()):
-            raise TimestepError(f"timestep {int(timestep[bad][0])} is outside the scheduler's range "
-                                f"[0, {self.groups[-1].end}]")
-        return torch.searchsorted(self.group_ends, timestep)
+            raise TimestepError(f"timestep {timestep[bad][0].item():g} is outside the scheduler's range "
+                                f"[{first:g}, {last:g}]")
+        return torch.searchsorted(self.group_ends.to(timestep.dtype), timestep)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(self.branches) == 1:
-            return self.branches[0](sample, timestep, class_labels)
-        group = self.group_of(timestep)
+            return self.branches[0](*inputs)
+        group = self.group_of(inputs[self.timestep_index])
         out = None
         for index, branch in enumerate(self.branches):
             rows = (group == index).nonzero().flatten()
             if rows.numel() == 0:
                 continue
-            part = branch(sample[rows], timestep[rows], class_labels[rows])
+            part = branch(*(value[rows] for value in inputs))
             if out is None:
-                out = part.new_full((sample.shape[0], *part.shape[1:]), float("nan"))
+                out = part.new_full((inputs[0].shape[0], *part.shape[1:]), float("nan"))
             out[rows] = part
         return out
 
@@ -78,15 +80,16 @@ class TimestepGroupedModule(torch.nn.Module):
                          for g, b in zip(self.groups, self.branches))
 
 
-def split_into_branches(gm: fx.GraphModule, groups) -> TimestepGroupedModule:
+def split_into_branches(gm: fx.GraphModule, groups, timestep_index: int) -> TimestepGroupedModule:
     """One copy of ``gm`` per group. The copies have their own modules and nodes (node metadata is
-    copied) but hold the very same parameter and buffer objects as ``gm``."""
+    copied) but hold the very same parameter and buffer objects as ``gm``. ``timestep_index``: the timestep's
+    position among the inputs."""
     shared = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
     branches = []
     for _ in groups:
         memo = dict(shared)
         branches.append(copy.deepcopy(gm, memo))
-    return TimestepGroupedModule(branches, groups)
+    return TimestepGroupedModule(branches, groups, timestep_index)
 
 
 def branches_of(module) -> list[fx.GraphModule]:

@@ -8,17 +8,29 @@ from pathlib import Path
 from .config import CompileConfig
 from .error_analysis import layer_error_report
 from .pass_manager import DumpInstrument
-from .pipeline import run_pipeline
+from .pipeline import attention_layers, lowering_context_of, run_pipeline, write_and_check
 
 
 def inspect_checkpoint(checkpoint, dump_dir: str | Path, config: CompileConfig | None = None) -> str:
-    from .exporters import export_onnx, fusion_report, save_onnx
+    """The compile's pipeline (passes, export, lowering for the configured target, ONNX Runtime's fusion check),
+    every step dumped into ``dump_dir``, then the per-layer error analysis; nothing is written as an artifact.
+    Unlike a compile, a layer ONNX Runtime did not fuse is reported, not refused."""
+    from .exporters import export_onnx
+    from .exporters.lowering import lower
+    from .exporters.ort_inspect import fusion_report
 
     dump_dir = Path(dump_dir)
     result = run_pipeline(checkpoint, config, [DumpInstrument(dump_dir)])
-    model = export_onnx(result.graph_module, result.context.model_config)
-    save_onnx(model, dump_dir / "model.onnx")
-    report = fusion_report(dump_dir / "model.onnx", result.layer_weights)
+    ctx = result.context
+    model = export_onnx(result.graph_module, ctx.signature, ctx.family.example_inputs(ctx.model_config, batch=2))
+    layers = result.layers
+    lowering_context = lowering_context_of(result)
+    lowered = lower(model, ctx.config.target, layers, context=lowering_context, dump_dir=dump_dir,
+                    first_index=len(result.pass_manager.records) + 1)
+    del model
+    written = write_and_check(lowered, ctx.config.target, layers, lowering_context, dump_dir,
+                              integer_attention=attention_layers(result), refuse_unfused=False)
+    report = written.report or fusion_report(dump_dir / "model.onnx", layers)
     lines = [f"# what ONNX Runtime runs ({report.provider}, all optimizations)",
              f"quantized layers fused into int8 kernels: {len(report.layer_ops) - len(report.unfused)} "
              f"of {len(report.layer_ops)}", ""]
@@ -37,9 +49,11 @@ def inspect_checkpoint(checkpoint, dump_dir: str | Path, config: CompileConfig |
                 f"{len(groups)} timestep group(s), grouping {config.grouping}")
     error_table = layer_error_report(result, dump_dir)
     kernels = Counter(report.layer_ops.values())
+    records = [*result.pass_manager.records, *lowered.records]
     passes = "\n".join(f"  {index:03d} {record.name}: {record.summary}"
-                       for index, record in enumerate(result.pass_manager.records, start=1))
-    return (f"wrote {len(result.pass_manager.records) + 1} pass dumps, timings.txt, model.onnx, ort_optimized.txt "
+                       for index, record in enumerate(records, start=1))
+    return (f"wrote {len(records)} pass dumps (fx passes, then the {config.target} lowering), timings.txt, "
+            f"model.onnx (as lowered), ort_optimized.txt, "
             f"timestep_groups.txt/.png and layer_error.txt/.png to {dump_dir}\n"
             f"passes (each dump lists the per-layer decisions, e.g. every fold and why one was declined):\n"
             f"{passes}\n"

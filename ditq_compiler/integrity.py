@@ -149,8 +149,14 @@ def check_schema(manifest: dict, where: str) -> None:
     _require_str(manifest, "ditq_version", where)
     model = _require_dict(manifest, "model", where)
     _require_str(model, "class", where, "model.")
+    from .families import FAMILIES
+
+    family = FAMILIES.get(model["class"])
+    if family is None:
+        raise ArtifactError(f"{where}: model.class {model['class']!r} is no model family this ditq takes "
+                            f"({', '.join(FAMILIES)}); recompile the artifact")
     config = _require_dict(model, "config", where, "model.")
-    for key in ("in_channels", "sample_size", "num_embeds_ada_norm"):
+    for key in family.required_config_ints:
         _require_positive_int(config, key, where, "model.config.")
     if config.get("out_channels") is not None:
         _require_positive_int(config, "out_channels", where, "model.config.")

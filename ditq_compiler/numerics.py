@@ -130,21 +130,23 @@ def _rows(batches: list[tuple[torch.Tensor, ...]], limit: int) -> list[tuple[tor
     return rows
 
 
-def check_against_torch(session, module, inputs_by_group: dict[int, list[tuple[torch.Tensor, ...]]]) -> NumericsReport:
+def check_against_torch(session, module, inputs_by_group: dict[int, list[tuple[torch.Tensor, ...]]],
+                        signature) -> NumericsReport:
     """Run ``session`` (ONNX Runtime), the group's torch branch, and that branch with perturbed quantizer
-    inputs on each group's recorded inputs; compare within the tolerance the sensitivity allows."""
+    inputs on each group's recorded inputs (in ``signature``'s order); compare within the tolerance the
+    sensitivity allows."""
+    timestep_at = signature.index("timestep")
     per_group = {}
     branches = module.graph_modules() if hasattr(module, "graph_modules") else [module]
     for group, batches in inputs_by_group.items():
         branch = branches[group]
         ours, references, moved, timesteps = [], [], [], []
         with torch.no_grad():
-            for index, (sample, timestep, labels) in enumerate(_rows(batches, MAX_ROWS)):
-                references.append(branch(sample, timestep, labels).numpy())
-                moved.append(_PerturbedQuantizers(branch, index).run(sample, timestep, labels).numpy())
-                ours.append(session.run(["out"], {"sample": sample.numpy(), "timestep": timestep.numpy(),
-                                                  "class_labels": labels.numpy()})[0])
-                timesteps.append(int(timestep[0]))
+            for index, inputs in enumerate(_rows(batches, MAX_ROWS)):
+                references.append(branch(*inputs).numpy())
+                moved.append(_PerturbedQuantizers(branch, index).run(*inputs).numpy())
+                ours.append(session.run([signature.output], signature.feeds(inputs))[0])
+                timesteps.append(inputs[timestep_at][0].item())
         reference = np.concatenate(references)
         per_group[group] = GroupCheck(agreement(np.concatenate(ours), reference),
                                       agreement(np.concatenate(moved), reference), sorted(set(timesteps)))

@@ -15,6 +15,7 @@ from .artifact import FORMAT_VERSION, MODEL_FILE, Artifact, staging_directory
 from .config import CompileConfig
 from .context import CompileContext
 from .errors import DitqError
+from .families import family_for
 from .loading import LoadedCheckpoint, load_checkpoint
 from .memory import release_freed_memory
 from .pass_manager import DumpInstrument, GraphPass, PassInstrument, PassManager, graph_modules
@@ -22,7 +23,6 @@ from .passes import (AnnotateLinearQuantization, CollectActivationStats, GroupTi
                      SplitTimestepGroups)
 from .passes.recipes import recipe_passes
 from .qspec import PROVENANCE_KEY, layer_records, quantized_layer_weights
-from .tracing import INPUT_NAMES, OUTPUT_NAME, example_inputs, trace_dit
 
 
 def build_passes(config: CompileConfig) -> list[GraphPass]:
@@ -80,20 +80,23 @@ def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfi
         loaded = checkpoint
     else:
         with phase("loading the checkpoint"):
-            loaded = load_checkpoint(checkpoint)
+            loaded = load_checkpoint(checkpoint, num_heads=config.num_heads)
+    family = family_for(loaded.model_class)
     config.calibration.validate(int(loaded.scheduler_config.get("num_train_timesteps", 1000)))
     torch.manual_seed(config.calibration.seed)
-    check_inputs = example_inputs(loaded.model_config, batch=2, seed=config.calibration.seed)
+    check_inputs = family.example_inputs(loaded.model_config, batch=2, seed=config.calibration.seed)
     drop_model = owned and not keep_float_model
     with phase("tracing"):
-        gm = trace_dit(loaded.model, check_inputs, own_tensors=not drop_model)
+        from .tracing import trace_model
+
+        gm = trace_model(loaded.model, family, loaded.model_config, check_inputs, own_tensors=not drop_model)
     if drop_model:
         loaded.model = None  # the graph holds its tensors now; passes may rewrite them
     if config.layer_rules:  # a rule matching no layer is refused now, not after minutes of calibration
         from .tracing import linear_sites
 
-        config.select_layers(list(dict.fromkeys(site.module for site in linear_sites(gm))))
-    ctx = CompileContext(config, loaded.model_config, loaded.scheduler_config, check_inputs)
+        config.select_layers(list(dict.fromkeys(site.module for site in linear_sites(gm))), family)
+    ctx = CompileContext(config, loaded.model_config, loaded.scheduler_config, check_inputs, family=family)
     manager = PassManager(build_passes(config), instruments or [])
     gm = manager.run(gm, ctx)
     return CompileResult(gm, ctx, loaded, manager, quantized_layer_weights(graph_modules(gm)[0]))
@@ -114,12 +117,8 @@ def build_manifest(result: CompileResult, fusion: dict | None, files: list[str])
         "timestep_groups": [g.to_manifest() for g in result.context.timestep_groups],
         "calibration_timesteps": list(stats.timesteps) if stats else [],
         "scheduler": _jsonable(result.checkpoint.scheduler_config),
-        "inputs": {
-            INPUT_NAMES[0]: {"dtype": "float32", "shape": ["batch", "channels", "height", "width"]},
-            INPUT_NAMES[1]: {"dtype": "int64", "shape": ["batch"]},
-            INPUT_NAMES[2]: {"dtype": "int64", "shape": ["batch"]},
-        },
-        "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": ["batch", "out_channels", "height", "width"]}},
+        **result.context.signature.to_manifest(),
+        "timestep_domain": result.context.timestep_domain.to_manifest(),
         "quantized_layers": result.quantized_layers,
         "quantized_weights": result.layer_weights,
         "mixed_precision": result.context.mixed_precision or None,
@@ -145,9 +144,8 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
     """:func:`compile`, also returning the pipeline's result (the torch fake-quant graph the artifact was
     exported from, its context and pass records)."""
     from .artifact import check_output_dir, group_model_file, write_manifest
-    from .exporters import export_onnx, fusion_report, save_onnx
+    from .exporters import export_onnx
     from .exporters.lowering import lower
-    from .exporters.ort_inspect import INTEGER_ATTENTION_OPS, attention_kernels
     from .passes.reconstruct import reconstruction_records
     from .progress import phase
 
@@ -157,42 +155,21 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
     result = run_pipeline(checkpoint, config, instruments, keep_float_model=False)
     release_freed_memory()  # the float weights Q/DQ insertion replaced
     with phase("exporting to ONNX"):
-        model = export_onnx(result.graph_module, result.context.model_config)
+        model = export_onnx(result.graph_module, result.context.signature,
+                            result.context.family.example_inputs(result.context.model_config, batch=2))
     target = result.context.config.target
+    lowered_layers = result.layers  # lowering passes update what a kernel reads (e.g. FP8's folded weight)
+    lowering_context = lowering_context_of(result)
     with phase(f"lowering for the {target} target"):
-        lowered_layers = result.layers  # lowering passes update what a kernel reads (e.g. FP8's folded weight)
-        lowering_context = lowering_context_of(result)
         lowered = lower(model, target, lowered_layers, context=lowering_context, dump_dir=dump_dir,
                         first_index=len(result.pass_manager.records) + 1)
-        model = lowered.model
+    del model
     release_freed_memory()  # the exporter's model, replaced by the lowered one
     with staging_directory(output_dir, force=force) as staging:
-        with phase("writing the artifact"):
-            files = save_onnx(model, staging / MODEL_FILE)
-            files += save_group_models(lowered.group_models, staging)
-        fusion = None
-        if result.context.config.verify_fusion and target != "tensorrt":  # TensorRT builds its own kernels
-            with phase("checking ONNX Runtime's fusion"):
-                report = fusion_report(staging / MODEL_FILE, lowered_layers)
-            if report.unfused:
-                raise DitqError(
-                    f"ONNX Runtime did not fuse {len(report.unfused)} quantized layers into int8 kernels "
-                    f"(e.g. {next(iter(report.unfused.items()))}); the artifact would not run quantized"
-                )
-            fusion = report.to_manifest()
-            attention = attention_layers(result)
-            if attention:
-                kernels = attention_kernels(staging / MODEL_FILE, attention)
-                unfused = {layer: k for layer, k in kernels.items() if not set(k.values()) <= INTEGER_ATTENTION_OPS}
-                if unfused:
-                    raise DitqError(f"ONNX Runtime did not run {len(unfused)} quantized attention calls on integer "
-                                    f"kernels (e.g. {next(iter(unfused.items()))}); the artifact would not run "
-                                    "quantized")
-                fusion["attention"] = {"layers": len(kernels),
-                                       "kernels": dict(Counter(op for k in kernels.values() for op in k.values()))}
-            fused = fused_attention_record(report, lowering_context.notes)
-            if fused:
-                fusion["attention"] = fused
+        written = write_and_check(lowered, target, lowered_layers, lowering_context, staging,
+                                  verify_fusion=result.context.config.verify_fusion,
+                                  integer_attention=attention_layers(result))
+        files, fusion = written.files, written.fusion
         with phase("checking ONNX Runtime's numerics against the torch graph"):
             numerics = check_numerics(staging / MODEL_FILE, result)
             for group in range(len(lowered.group_models)):  # each group's own model on its own inputs
@@ -200,8 +177,7 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
         compile_log = {"compile_seconds": round(time.perf_counter() - start, 2),
                        "passes": [{"name": r.name, "seconds": round(r.seconds, 3)}
                                   for r in result.pass_manager.records]}
-        lowering = {**lowering_manifest(target, lowered, lowering_context),
-                    "passes": [{"name": r.name, "modified": r.modified, "summary": r.summary} for r in lowered.records]}
+        lowering = {**written.lowering, "passes": [pass_record(r) for r in lowered.records]}
         compile_log["lowering"] = [{"name": r.name, "seconds": round(r.seconds, 3)} for r in lowered.records]
         manifest = build_manifest(result, fusion, files)
         reconstruction, reconstruction_log = reconstruction_records(result.pass_manager.passes)
@@ -212,6 +188,62 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
         write_manifest(staging, {**manifest, "lowering": lowering, "numerics": numerics_manifest(numerics)},
                        compile_log)
     return Artifact.load(output_dir), result
+
+
+@dataclass
+class WrittenModel:
+    """What :func:`write_and_check` did: the files it wrote, ONNX Runtime's fusion record for the manifest and
+    its full report (both None where not checked), and the manifest's ``lowering`` fields (without the pass
+    records)."""
+
+    files: list[str]
+    fusion: dict | None
+    report: object | None
+    lowering: dict
+
+
+def write_and_check(lowered, target: str, layers: dict, lowering_context, directory: Path, *,
+                    verify_fusion: bool = True, integer_attention: list[str] = (),
+                    refuse_unfused: bool = True, model_file: str = MODEL_FILE) -> WrittenModel:
+    """The tail every producer of an artifact model shares (compile, ``ditq lower``, ``ditq inspect``): write the
+    lowered model (and its per-group models) into ``directory``, and check in ONNX Runtime's optimized graph
+    that every quantized layer, every integer attention call and every fused attention node runs as lowered. A
+    model that would not run quantized is refused here (``refuse_unfused=False``: reported, for ``inspect``)."""
+    from .exporters import fusion_report, save_onnx
+    from .exporters.ort_inspect import INTEGER_ATTENTION_OPS, attention_kernels
+    from .progress import phase
+
+    with phase("writing the artifact"):
+        files = save_onnx(lowered.model, directory / model_file)
+        files += save_group_models(lowered.group_models, directory)
+    fusion = report = None
+    if verify_fusion and target != "tensorrt":  # TensorRT builds its own kernels
+        with phase("checking ONNX Runtime's fusion"):
+            report = fusion_report(directory / model_file, layers)
+        if report.unfused and refuse_unfused:
+            raise DitqError(
+                f"ONNX Runtime did not fuse {len(report.unfused)} quantized layers into int8 kernels "
+                f"(e.g. {next(iter(report.unfused.items()))}); the artifact would not run quantized"
+            )
+        fusion = report.to_manifest()
+        if integer_attention:
+            kernels = attention_kernels(directory / model_file, list(integer_attention))
+            unfused = {layer: k for layer, k in kernels.items() if not set(k.values()) <= INTEGER_ATTENTION_OPS}
+            if unfused and refuse_unfused:
+                raise DitqError(f"ONNX Runtime did not run {len(unfused)} quantized attention calls on integer "
+                                f"kernels (e.g. {next(iter(unfused.items()))}); the artifact would not run "
+                                "quantized")
+            fusion["attention"] = {"layers": len(kernels),
+                                   "kernels": dict(Counter(op for k in kernels.values() for op in k.values()))}
+        fused = fused_attention_record(report, lowering_context.notes)
+        if fused:
+            fusion["attention"] = fused
+    return WrittenModel(files, fusion, report, lowering_manifest(target, lowered, lowering_context))
+
+
+def pass_record(record) -> dict:
+    """A pass's record as manifests keep it."""
+    return {"name": record.name, "modified": record.modified, "summary": record.summary}
 
 
 def fused_attention_record(report, notes: dict) -> dict | None:
@@ -292,7 +324,7 @@ def check_numerics(model_path: Path, result: CompileResult, only_group: int | No
     inputs = result.context.check_inputs_by_group(per_group=None)  # the check spreads up to 16 rows per group
     if only_group is not None:
         inputs = {only_group: inputs.get(only_group, [])}
-    report = check_against_torch(session, result.graph_module, inputs)
+    report = check_against_torch(session, result.graph_module, inputs, result.context.signature)
     floor = Agreement(FLOAT16_REL_L2_TOLERANCE, FLOAT16_MAX_ERROR_TOLERANCE) if config.target == "cuda" else None
     report.float16_floor = floor
 

@@ -35,9 +35,8 @@ PROBE_PER_GROUP = 4
 
 def relower(source: str | Path, target: str, output_dir: str | Path, *, force: bool = False,
             dump_dir: str | Path | None = None) -> Artifact:
-    from .exporters import fusion_report, save_onnx
     from .exporters.lowering import LayerRecord, LoweringContext, lower, raise_to_canonical
-    from .pipeline import fused_attention_record, lowering_manifest, save_group_models
+    from .pipeline import pass_record, write_and_check
     from .progress import phase
 
     import onnx
@@ -65,23 +64,14 @@ def relower(source: str | Path, target: str, output_dir: str | Path, *, force: b
         lowered = lower(raised.model, target, layers, context=context, dump_dir=dump_dir,
                         first_index=len(raised.records) + 1)
     with staging_directory(output_dir, force=force) as staging:
-        with phase("writing the artifact"):
-            files = save_onnx(lowered.model, staging / MODEL_FILE)
-            files += save_group_models(lowered.group_models, staging)
-        fusion = None
-        if target != "tensorrt":
-            with phase("checking ONNX Runtime's fusion"):
-                report = fusion_report(staging / MODEL_FILE, layers)
-            fusion = report.to_manifest()
-            attention = fused_attention_record(report, context.notes)
-            if attention:
-                fusion["attention"] = attention
+        written = write_and_check(lowered, target, layers, context, staging)
+        files, fusion = written.files, written.fusion
         with phase("comparing with the source artifact"):
             numerics = _agreement_with_source(artifact, staging / MODEL_FILE, target, probe)
-        lowering = {**lowering_manifest(target, lowered, context),
+        lowering = {**written.lowering,
                     "raised_from": {"target": artifact.target,
-                                    "passes": [_record(r) for r in raised.records]},
-                    "passes": [_record(r) for r in lowered.records]}
+                                    "passes": [pass_record(r) for r in raised.records]},
+                    "passes": [pass_record(r) for r in lowered.records]}
         new_manifest = {key: value for key, value in manifest.items()
                         if key not in ("integrity", "manifest_sha256", "unhashed_files")}
         new_manifest.update({
@@ -107,37 +97,35 @@ def _layers_of(manifest: dict) -> dict:
     return layers
 
 
-def _record(record) -> dict:
-    return {"name": record.name, "modified": record.modified, "summary": record.summary}
-
-
 def probe_inputs(artifact: Artifact) -> dict[int, list[tuple]]:
     """Denoiser inputs of a short sampling run of ``artifact`` (CPU provider), up to four per timestep group
     spread over the group's timesteps (what the CUDA target measures float16 ranges on)."""
-    from .sampling import iterate_sampling
-
     calibration = artifact.manifest.get("calibration", {})
-    num_classes = int(artifact.model_config["num_embeds_ada_norm"])
-    labels = [i % num_classes for i in range(PROBE_SAMPLES)]
+    family = artifact.family
+    conditions = family.calibration_conditions(artifact.model_config, PROBE_SAMPLES, int(calibration.get("seed", 0)))
     seed = int(calibration.get("seed", 0))
     guidance = float(calibration.get("guidance_scale", 4.0))
-    recorded: dict[int, tuple] = {}
+    timestep_at = artifact.signature.index("timestep")
+    recorded: dict = {}
 
-    def denoise(x, t, y):
-        recorded[int(t[0])] = (x.numpy().copy(), t.numpy().copy(), y.numpy().copy())
-        return torch.from_numpy(artifact.denoise(x.numpy(), t, y.numpy(), provider="cpu"))
+    def denoise(*inputs):
+        arrays = tuple(np.asarray(value).copy() for value in inputs)
+        recorded[arrays[timestep_at][0].item()] = arrays
+        return torch.from_numpy(artifact.denoise(*arrays, provider="cpu"))
 
     steps = min(PROBE_STEPS, artifact.num_train_timesteps)
-    for _ in iterate_sampling(denoise, artifact.scheduler_config, artifact.model_config, labels, steps=steps,
-                              guidance_scale=guidance, seed=seed):
+    for _ in family.iterate_sampling(denoise, artifact.scheduler_config, artifact.model_config, conditions,
+                                     steps=steps, guidance_scale=guidance, seed=seed):
         pass
     probe: dict[int, list[tuple]] = {}
     for group in artifact.manifest["timestep_groups"]:
-        timesteps = sorted(t for t in recorded if int(group["start"]) <= t <= int(group["end"]))
+        timesteps = sorted(t for t in recorded if group["start"] <= t <= group["end"])
         if not timesteps:  # a group no sampled step fell in: one input at its middle timestep
-            x, _, y = next(iter(recorded.values()))
-            middle = (int(group["start"]) + int(group["end"])) // 2
-            probe[int(group["index"])] = [(x, np.full(len(x), middle, dtype=np.int64), y)]
+            inputs = list(next(iter(recorded.values())))
+            middle = (group["start"] + group["end"]) / 2
+            timestep = inputs[timestep_at]
+            inputs[timestep_at] = np.full(len(timestep), middle).astype(timestep.dtype)
+            probe[int(group["index"])] = [tuple(inputs)]
             continue
         picks = sorted({timesteps[round(i * (len(timesteps) - 1) / (PROBE_PER_GROUP - 1))]
                         for i in range(PROBE_PER_GROUP)})
@@ -154,9 +142,9 @@ def _agreement_with_source(source: Artifact, model_path: Path, target: str, prob
     session = create_session(model_path, "cpu", weight_range=source.weight_range, target=target, fp8_qdq=fp8_qdq)
     ours, theirs = [], []
     for batches in probe.values():
-        for x, t, y in batches:
-            ours.append(run_denoiser(session, x, t, y))
-            theirs.append(source.denoise(x, t, y, provider="cpu"))
+        for inputs in batches:
+            ours.append(run_denoiser(session, source.signature, inputs))
+            theirs.append(source.denoise(*inputs, provider="cpu"))
     match = agreement(np.concatenate(ours), np.concatenate(theirs))
     same_target = target == source.target
     if same_target and not match.ok:

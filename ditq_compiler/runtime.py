@@ -227,14 +227,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def run_denoiser(session, sample: np.ndarray, timestep: np.ndarray, class_labels: np.ndarray) -> np.ndarray:
-    feeds = {
-        "sample": np.ascontiguousarray(sample, dtype=np.float32),
-        "timestep": np.ascontiguousarray(timestep, dtype=np.int64),
-        "class_labels": np.ascontiguousarray(class_labels, dtype=np.int64),
-    }
+def run_denoiser(session, signature, inputs) -> np.ndarray:
+    """One denoiser call: ``inputs`` in the signature's order (a ``families.Signature``)."""
+    feeds = signature.feeds(inputs)
     try:
-        return session.run(["out"], feeds)[0]
+        return session.run([signature.output], feeds)[0]
     except Exception as exc:
         if not _is_onnxruntime_error(exc):
             raise

@@ -1,12 +1,12 @@
-"""Trace a diffusers DiT into a torch.fx graph with ``torch.export``.
+"""Trace a diffusers transformer into a torch.fx graph with ``torch.export``.
 
 ``torch.fx.symbolic_trace`` fails on diffusers' control flow; ``torch.export`` specialises it away and
 gives an ATen-level graph whose ``aten.linear`` nodes carry ``nn_module_stack`` metadata, from which
 we recover the names users know (``transformer_blocks.3.attn1.to_q``).
 
-The exported module is turned into a plain ``GraphModule`` with the signature
-``forward(sample, timestep, class_labels) -> out`` (the diffusers output's ``.sample``), so that every
-pass, the torch reference and the ONNX exporter see the same function and the same input names.
+The exported module is turned into a plain ``GraphModule`` whose inputs are the model family's signature
+(``families/``) and whose output is the diffusers output's ``.sample``, so that every pass, the torch
+reference and the ONNX exporter see the same function and the same input names.
 """
 
 from __future__ import annotations
@@ -16,38 +16,32 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-INPUT_NAMES = ("sample", "timestep", "class_labels")
-OUTPUT_NAME = "out"
+from .families import ModelFamily, Signature
+
 MAX_BATCH = 4096
 
 
-def example_inputs(model_config: dict, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(seed)
-    channels, size = int(model_config["in_channels"]), int(model_config["sample_size"])
-    num_classes = int(model_config["num_embeds_ada_norm"])
-    sample = torch.randn((batch, channels, size, size), generator=generator)
-    timestep = torch.randint(0, 1000, (batch,), generator=generator, dtype=torch.int64)
-    labels = torch.randint(0, num_classes + 1, (batch,), generator=generator, dtype=torch.int64)
-    return sample, timestep, labels
-
-
-def batch_dynamic_shapes() -> dict:
+def batch_dynamic_shapes(signature: Signature, *, by: str = "name") -> dict:
+    """``torch.export`` dynamic shapes for a signature: dim 0 of every input is the batch. ``by="name"`` keys them
+    by input name (the GraphModule's placeholders), ``by="kwarg"`` by the diffusers forward's keywords."""
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    return {name: {0: batch} for name in INPUT_NAMES}
+    return {getattr(spec, by): {0: batch} for spec in signature.inputs}
 
 
-def trace_dit(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *, own_tensors: bool = True) -> fx.GraphModule:
-    """Export ``model`` (a ``DiTTransformer2DModel``) with a dynamic batch into a clean GraphModule.
+def trace_model(model: torch.nn.Module, family: ModelFamily, model_config: dict, inputs: tuple[torch.Tensor, ...], *,
+                own_tensors: bool = True) -> fx.GraphModule:
+    """Export ``model`` (a diffusers transformer of ``family``) with a dynamic batch into a clean GraphModule
+    whose placeholders are the family signature's inputs, in its order, and whose output is the model output's
+    ``.sample``; then the family's export clean-ups run on it.
 
     ``own_tensors=False`` leaves the graph reading the model's own tensors (no copy): only for a caller that
     drops the model right after tracing, so passes that rewrite tensors can corrupt nothing (a compile: the
     copy would double the host memory of the weights, 3 GB more for DiT-XL/2)."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    dynamic = {"hidden_states": {0: batch}, "timestep": {0: batch}, "class_labels": {0: batch}, "return_dict": None}
+    signature = family.signature(model_config)
+    kwargs = {**signature.kwargs(inputs), "return_dict": False}
+    dynamic = {**batch_dynamic_shapes(signature, by="kwarg"), "return_dict": None}
     with torch.no_grad():
-        exported = torch.export.export(
-            model.eval(), tuple(inputs), kwargs={"return_dict": False}, dynamic_shapes=dynamic
-        )
+        exported = torch.export.export(model.eval(), (), kwargs=kwargs, dynamic_shapes=dynamic)
     unlifted = exported.module()
     graph = unlifted.graph
     # The unlifted module checks its pytree signature and shape guards in hooks; we give the graph a
@@ -55,16 +49,24 @@ def trace_dit(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *, own_t
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for node in placeholders[len(INPUT_NAMES):]:
-        graph.erase_node(node)
-    for node, name in zip(placeholders, INPUT_NAMES):
-        node.name = node.target = name
+    placeholders = {node.target: node for node in graph.nodes if node.op == "placeholder"}
+    by_kwarg = {spec.kwarg: spec.name for spec in signature.inputs}
+    for target, node in placeholders.items():
+        if target not in by_kwarg:
+            graph.erase_node(node)
+    ordered = [placeholders[spec.kwarg] for spec in signature.inputs]
+    first = next(iter(graph.nodes))
+    for node, spec in zip(ordered, signature.inputs):  # signature order, whatever the forward's order is
+        first.prepend(node)
+        node.name = node.target = spec.name
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = (output.args[0][0],)  # (sample,) -> sample
     graph.set_codegen(fx.graph.CodeGen())
     gm = fx.GraphModule(unlifted, graph)
+    for cleanup in family.export_cleanups():
+        cleanup(gm)
     gm.graph.lint()
+    gm.recompile()
     if own_tensors:
         _own_tensors(gm)
     else:  # as the copies would be: constants, so arithmetic on them outside no_grad builds no autograd graph

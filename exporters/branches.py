@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..tracing import INPUT_NAMES, OUTPUT_NAME
+from ..families import Signature
 
 
 def _digest(tensor: onnx.TensorProto) -> str:
@@ -74,9 +74,13 @@ def _shared_initializers(branches: list[onnx.ModelProto], sharing: dict[str, boo
     return shared | {name for name, values in digests.items() if len(values) == 1}
 
 
-def stitch_group_branches(branches: list[onnx.ModelProto], group_ends: list[int],
-                          sharing: dict[str, bool]) -> onnx.ModelProto:
+def stitch_group_branches(branches: list[onnx.ModelProto], group_ends: list, sharing: dict[str, bool],
+                          signature: Signature, first_timestep=0) -> onnx.ModelProto:
+    """One model from the groups' models; the group of a row is found from the signature's timestep input,
+    compared in its own dtype, and a timestep outside ``[first_timestep, group_ends[-1]]`` leaves NaN."""
     first = branches[0]
+    input_names, output_name = signature.names, signature.output
+    timestep_dtype = np.dtype(signature.spec("timestep").dtype)
     shared = _shared_initializers(branches, sharing)
     outer_initializers = [t for t in first.graph.initializer if t.name in shared]
 
@@ -85,22 +89,27 @@ def stitch_group_branches(branches: list[onnx.ModelProto], group_ends: list[int]
     batch_dim = first.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the exporter's symbolic batch
     nodes = []
     const = lambda name, array: outer_initializers.append(numpy_helper.from_array(np.asarray(array), name))  # noqa: E731
-    const("ditq_group_ends", np.asarray(group_ends[:-1], dtype=np.int64))
-    const("ditq_last_timestep", np.asarray(group_ends[-1], dtype=np.int64))
+    const("ditq_group_ends", np.asarray(group_ends[:-1], dtype=timestep_dtype))
+    const("ditq_last_timestep", np.asarray(group_ends[-1], dtype=timestep_dtype))
     const("ditq_zero_i64", np.asarray(0, dtype=np.int64))
+    first_name = "ditq_zero_i64"  # the same constant where the timesteps start at integer 0 (DiT's)
+    if timestep_dtype != np.int64 or first_timestep != 0:
+        first_name = "ditq_first_timestep"
+        const(first_name, np.asarray(first_timestep, dtype=timestep_dtype))
     const("ditq_minus_one", np.asarray(-1, dtype=np.int64))
     const("ditq_axes_1", np.asarray([1], dtype=np.int64))
     const("ditq_nan", np.asarray(np.nan, dtype=np.float32))
     const("ditq_out_dims", np.asarray(out_dims, dtype=np.int64))
     const("ditq_batch_slice", np.asarray([0], dtype=np.int64))
     const("ditq_batch_slice_end", np.asarray([1], dtype=np.int64))
-    sample, timestep, labels = INPUT_NAMES
+    sample = input_names[signature.index("latent")]
+    timestep = signature.timestep_name
     nodes += [
         helper.make_node("Unsqueeze", [timestep, "ditq_axes_1"], ["ditq_t_col"]),
         helper.make_node("Greater", ["ditq_t_col", "ditq_group_ends"], ["ditq_past_end"]),
         helper.make_node("Cast", ["ditq_past_end"], ["ditq_past_end_i64"], to=TensorProto.INT64),
         helper.make_node("ReduceSum", ["ditq_past_end_i64", "ditq_axes_1"], ["ditq_group_raw"], keepdims=0),
-        helper.make_node("GreaterOrEqual", [timestep, "ditq_zero_i64"], ["ditq_t_ge0"]),
+        helper.make_node("GreaterOrEqual", [timestep, first_name], ["ditq_t_ge0"]),
         helper.make_node("LessOrEqual", [timestep, "ditq_last_timestep"], ["ditq_t_le_last"]),
         helper.make_node("And", ["ditq_t_ge0", "ditq_t_le_last"], ["ditq_t_valid"]),
         helper.make_node("Where", ["ditq_t_valid", "ditq_group_raw", "ditq_minus_one"], ["ditq_group"]),
@@ -111,7 +120,7 @@ def stitch_group_branches(branches: list[onnx.ModelProto], group_ends: list[int]
     ]
     for g, branch in enumerate(branches):
         graph = branch.graph
-        mapping = {name: f"{name}__group{g}" for name in INPUT_NAMES}
+        mapping = {name: f"{name}__group{g}" for name in input_names}
         for tensor in graph.initializer:
             if tensor.name not in shared:
                 mapping[tensor.name] = f"{tensor.name}__group{g}"
@@ -127,7 +136,7 @@ def stitch_group_branches(branches: list[onnx.ModelProto], group_ends: list[int]
         _rename_graph(graph, mapping)
         then_graph = helper.make_graph(
             list(graph.node), f"group{g}", [],
-            [helper.make_tensor_value_info(mapping[OUTPUT_NAME], TensorProto.FLOAT, ["rows", *out_dims])],
+            [helper.make_tensor_value_info(mapping[output_name], TensorProto.FLOAT, ["rows", *out_dims])],
             value_info=value_info)
         empty = numpy_helper.from_array(np.zeros([0, *out_dims], dtype=np.float32), f"group{g}/empty_value")
         else_graph = helper.make_graph(
@@ -139,14 +148,14 @@ def stitch_group_branches(branches: list[onnx.ModelProto], group_ends: list[int]
             helper.make_node("Equal", ["ditq_group", f"{prefix}_index"], [f"{prefix}_mask"]),
             helper.make_node("NonZero", [f"{prefix}_mask"], [f"{prefix}_nonzero"]),
             helper.make_node("Transpose", [f"{prefix}_nonzero"], [rows], perm=[1, 0]),
-            *(helper.make_node("GatherND", [name, rows], [f"{name}__group{g}"]) for name in INPUT_NAMES),
+            *(helper.make_node("GatherND", [name, rows], [f"{name}__group{g}"]) for name in input_names),
             helper.make_node("Size", [f"{prefix}_nonzero"], [f"{prefix}_count"]),
             helper.make_node("Greater", [f"{prefix}_count", "ditq_zero_i64"], [f"{prefix}_any"]),
             helper.make_node("If", [f"{prefix}_any"], [f"{prefix}_out"], name=f"group{g}_branch",
                              then_branch=then_graph, else_branch=else_graph),
             helper.make_node("ScatterND", [f"ditq_out_{g}", rows, f"{prefix}_out"], [f"ditq_out_{g + 1}"]),
         ]
-    nodes.append(helper.make_node("Identity", [f"ditq_out_{len(branches)}"], [OUTPUT_NAME]))
+    nodes.append(helper.make_node("Identity", [f"ditq_out_{len(branches)}"], [output_name]))
     outer = helper.make_graph(nodes, "ditq_timestep_groups", list(first.graph.input), list(first.graph.output),
                               outer_initializers)
     model = helper.make_model(outer, opset_imports=list(first.opset_import), producer_name="ditq")

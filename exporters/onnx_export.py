@@ -21,7 +21,8 @@ import torch
 from torch import fx
 
 from ..quant_ops import onnx_translation_table
-from ..tracing import INPUT_NAMES, OUTPUT_NAME, batch_dynamic_shapes, example_inputs
+from ..families import Signature
+from ..tracing import batch_dynamic_shapes
 
 OPSET = 21
 IR_VERSION = 10
@@ -29,22 +30,23 @@ TWO_GIB = 2**31
 _KEEP_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 
-def export_onnx(module, model_config: dict) -> onnx.ModelProto:
+def export_onnx(module, signature: Signature, inputs: tuple[torch.Tensor, ...]) -> onnx.ModelProto:
     """Export a graph, or a timestep-grouped module: its single branch as is, several as one ``If``
-    branch per group sharing what the passes left shared."""
+    branch per group sharing what the passes left shared. The ONNX inputs and output are named as the
+    family's ``signature`` says; ``inputs`` (in signature order) are example inputs for the exporter."""
     if hasattr(module, "graph_modules"):
         graphs = module.graph_modules()
         if len(graphs) == 1:
-            return _export_graph(graphs[0], model_config)
+            return _export_graph(graphs[0], signature, inputs)
         from .branches import stitch_group_branches
 
-        branches = [_export_graph(gm, model_config) for gm in graphs]
-        return stitch_group_branches(branches, [group.end for group in module.groups], module.tensor_sharing())
-    return _export_graph(module, model_config)
+        branches = [_export_graph(gm, signature, inputs) for gm in graphs]
+        return stitch_group_branches(branches, [group.end for group in module.groups], module.tensor_sharing(),
+                                     signature, first_timestep=module.groups[0].start)
+    return _export_graph(module, signature, inputs)
 
 
-def _export_graph(gm: fx.GraphModule, model_config: dict) -> onnx.ModelProto:
-    inputs = example_inputs(model_config, batch=2)
+def _export_graph(gm: fx.GraphModule, signature: Signature, inputs: tuple[torch.Tensor, ...]) -> onnx.ModelProto:
     quiet = io.StringIO()
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
         warnings.simplefilter("ignore")
@@ -52,8 +54,8 @@ def _export_graph(gm: fx.GraphModule, model_config: dict) -> onnx.ModelProto:
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # restored below; not library-wide
         try:
             program = torch.onnx.export(
-                gm, inputs, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                dynamic_shapes=batch_dynamic_shapes(), opset_version=OPSET, optimize=False,
+                gm, tuple(inputs), input_names=list(signature.names), output_names=[signature.output],
+                dynamic_shapes=batch_dynamic_shapes(signature), opset_version=OPSET, optimize=False,
                 custom_translation_table=onnx_translation_table(), verbose=False,
             )
         finally:

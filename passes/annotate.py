@@ -35,7 +35,7 @@ class AnnotateLinearQuantization(GraphPass):
     def run(self, gm, ctx):
         sites = linear_sites(gm)
         modules = list(dict.fromkeys(site.module for site in sites))
-        decision = ctx.config.select_layers(modules)
+        decision = ctx.config.select_layers(modules, ctx.family)
         config = ctx.config
         details, annotated = [], 0
         input_keys: dict[str, str] = {}  # fx input node -> stable key (first reader's layer key)

@@ -2,9 +2,9 @@
 
 Observers are inserted after every tensor that an annotated layer reads, each observer also reading the
 graph's ``timestep`` input, so statistics are filed under the timestep of every row. The trajectories
-are the checkpoint's own scheduler with ``calibration.steps`` sampling steps, ``calibration.samples``
-(noise, class) pairs and classifier-free guidance as DiT samples them (conditional and null-class halves
-in one batch). The observers are removed afterwards: the graph leaves this pass as it came in.
+are the model family's sampling loop on the checkpoint's own scheduler with ``calibration.steps`` sampling
+steps, ``calibration.samples`` (noise, condition) pairs and classifier-free guidance as the family samples
+(DiT: conditional and null-class halves in one batch). The observers are removed afterwards: the graph leaves this pass as it came in.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from ..errors import PassPreconditionError
 from ..pass_manager import GraphPass, PassResult
 from ..progress import track
 from ..qspec import SPEC_KEY, attention_tensors
-from ..sampling import iterate_sampling
 
 _OBSERVER_PREFIX = "ditq_observer_"
 
@@ -56,11 +55,6 @@ def observed_tensors(gm) -> dict[str, torch.fx.Node]:
     return {**input_producers(gm), **{key: node for key, (node, _) in attention_tensors(gm).items()}}
 
 
-def calibration_labels(num_classes: int, samples: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed + 1)
-    return torch.randint(0, num_classes, (samples,), generator=generator).tolist()
-
-
 class CollectActivationStats(GraphPass):
     name = "calibrate"
     preserves_semantics = True
@@ -72,7 +66,9 @@ class CollectActivationStats(GraphPass):
     def run(self, gm, ctx):
         readers = annotated_inputs(gm)
         producers = observed_tensors(gm)
-        timestep = next(node for node in gm.graph.nodes if node.op == "placeholder" and node.target == "timestep")
+        signature = ctx.signature
+        timestep = next(node for node in gm.graph.nodes
+                        if node.op == "placeholder" and node.target == signature.timestep_name)
         stats = ActivationStats()
         observers = []
         for index, (key, layers) in enumerate(readers.items()):
@@ -87,19 +83,21 @@ class CollectActivationStats(GraphPass):
         gm.recompile()
 
         calib = ctx.config.calibration
-        labels = calibration_labels(int(ctx.model_config["num_embeds_ada_norm"]), calib.samples, calib.seed)
+        family = ctx.family
+        conditions = family.calibration_conditions(ctx.model_config, calib.samples, calib.seed)
         recorded = ctx.calibration_inputs
+        timestep_at = signature.index("timestep")
 
-        def denoise(x, t, y):
+        def denoise(*inputs):
             # Keep the first and last row (a conditional and an unconditional one) of each step: the
             # compile's final check compares ONNX Runtime with the torch graph on these.
-            rows = sorted({0, x.shape[0] - 1})
-            recorded[int(t[0])] = (x[rows].clone(), t[rows].clone(), y[rows].clone())
-            return gm(x, t, y)
+            rows = sorted({0, inputs[0].shape[0] - 1})
+            recorded[inputs[timestep_at][0].item()] = tuple(value[rows].clone() for value in inputs)
+            return gm(*inputs)
 
         try:
-            loop = iterate_sampling(denoise, ctx.scheduler_config, ctx.model_config, labels, steps=calib.steps,
-                                    guidance_scale=calib.guidance_scale, seed=calib.seed)
+            loop = family.iterate_sampling(denoise, ctx.scheduler_config, ctx.model_config, conditions,
+                                           steps=calib.steps, guidance_scale=calib.guidance_scale, seed=calib.seed)
             with torch.no_grad():
                 for t, _, _ in track(loop, total=calib.steps, description="calibrating"):
                     stats.timesteps.append(t)

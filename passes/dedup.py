@@ -1,7 +1,7 @@
 """Compute and store identical subgraphs once, right after tracing.
 
 diffusers' DiT gives every block its own timestep/class embedder, and a converted original DiT checkpoint
-(``loading.convert_original_dit_state_dict``) fills all of them with the one embedder of the original model:
+(``families.dit_original.convert_original_dit_state_dict``) fills all of them with the one embedder of the original model:
 in DiT-XL/2, 28 copies of 2.8 M parameters (11 MB each, ~300 MB), computed 28 times per call from the same
 ``timestep`` and ``class_labels``. The pass finds such subgraphs by value and keeps one:
 

@@ -31,7 +31,7 @@ class SplitTimestepGroups(GraphPass):
                                "raise --calib-steps or use fewer groups")
 
     def run(self, gm, ctx):
-        module = split_into_branches(gm, ctx.timestep_groups)
+        module = split_into_branches(gm, ctx.timestep_groups, ctx.signature.index("timestep"))
         ctx.branches = [BranchState(g.index, g, ctx.stats.restricted_to(g.contains)) for g in ctx.timestep_groups]
         details = [f"branch {b.index}: timesteps {b.group.start}..{b.group.end}, calibrated at "
                    f"{sorted(set(b.stats.timesteps))}" for b in ctx.branches]

@@ -16,6 +16,20 @@ QUANTIZED_INPUTS_PER_BLOCK = 5  # adaLN input, qkv input (shared), out input, fc
 ATTENTION_TENSORS_PER_BLOCK = 4  # q, k, v and the softmax output (--quantize-attention)
 
 
+def example_inputs(config: dict, batch: int = 2, seed: int = 0):
+    """DiT's example denoiser inputs ``(sample, timestep, class_labels)``."""
+    from ditq_compiler.families import DIT
+
+    return DIT.example_inputs(config, batch=batch, seed=seed)
+
+
+def trace_dit(model, inputs, **options):
+    from ditq_compiler.families import DIT
+    from ditq_compiler.tracing import trace_model
+
+    return trace_model(model, DIT, dict(model.config), inputs, **options)
+
+
 def make_tiny_dit(seed: int = 0, **overrides):
     from diffusers import DiTTransformer2DModel
 

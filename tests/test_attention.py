@@ -16,7 +16,7 @@ from ditq_compiler.exporters.lowering import LayerRecord, raise_to_canonical
 from ditq_compiler.exporters.ort_inspect import INTEGER_ATTENTION_OPS, attention_kernels
 from ditq_compiler.numerics import agreement
 from ditq_compiler.qspec import ATTENTION_KEY
-from ditq_compiler.tracing import example_inputs
+from conftest import example_inputs
 
 CALIB = CalibrationConfig(steps=6, samples=2)
 LAYERS = [f"transformer_blocks.{i}.attn1" for i in range(TINY_CONFIG["num_layers"])]
@@ -162,7 +162,7 @@ def test_attention_is_declined_where_the_output_projection_has_no_integer_grid(p
     from ditq_compiler.context import CompileContext
     from ditq_compiler.passes import AnnotateLinearQuantization
     from ditq_compiler.loading import DEFAULT_SCHEDULER_CONFIG
-    from ditq_compiler.tracing import trace_dit
+    from conftest import trace_dit
 
     model = modulated_dit()
     config = CompileConfig(calibration=CALIB, quantize_attention=True).with_rules(

@@ -1,6 +1,7 @@
 """Identical subgraphs computed and stored once: op counts, structure and numerics of the pass on tiny DiTs, and
 an artifact compiled from an original-DiT checkpoint (one embedder copied into every block) storing it once."""
 
+import dataclasses
 from collections import Counter
 
 import onnx
@@ -9,7 +10,8 @@ import torch
 
 from conftest import make_tiny_dit
 from ditq_compiler.passes.dedup import DeduplicateSubgraphs
-from ditq_compiler.tracing import example_inputs, linear_sites, trace_dit
+from conftest import example_inputs, trace_dit
+from ditq_compiler.tracing import linear_sites
 
 BLOCKS = 4
 EMBEDDER = "transformer_blocks.{}.norm1.emb"
@@ -97,10 +99,11 @@ def test_artifact_of_an_original_dit_checkpoint_stores_the_embedder_once(tmp_pat
     from ditq_compiler.numerics import agreement
     from ditq_compiler.pipeline import compile_with_result
 
-    model = _shared_embedder_dit(num_attention_heads=1, attention_head_dim=64)  # a width the loader infers heads of
+    model = _shared_embedder_dit(num_attention_heads=1, attention_head_dim=64)
     path = tmp_path / "DiT-tiny.pt"
     torch.save({"ema": _original_state_dict(model)}, path)
-    artifact, result = compile_with_result(path, tmp_path / "art", fast_config)
+    # a width outside DiT's size table: the head count is given, never guessed
+    artifact, result = compile_with_result(path, tmp_path / "art", dataclasses.replace(fast_config, num_heads=1))
     passes = artifact.manifest["passes"]
     assert passes[0]["name"] == "dedup_subgraphs" and passes[0]["summary"].startswith(
         "merged 3 identical subgraphs (transformer_blocks.{1..3}.norm1.{emb, silu}")

@@ -13,7 +13,7 @@ from ditq_compiler import Artifact
 from ditq_compiler.errors import ArtifactError, TimestepError
 from ditq_compiler.exporters import FUSED_INT8_OPS, fusion_report, optimized_model
 from ditq_compiler.numerics import agreement
-from ditq_compiler.tracing import example_inputs
+from conftest import example_inputs
 
 
 def test_artifact_layout_and_manifest(compiled_tiny, tiny_dit_dir):

@@ -13,7 +13,7 @@ from ditq_compiler import CalibrationConfig, CompileConfig
 from ditq_compiler.config import LayerRule
 from ditq_compiler.grids import FLOAT8_E4M3_MAX, GRIDS, grid_integers, quantize_float8, round_to_grid
 from ditq_compiler.numerics import agreement
-from ditq_compiler.tracing import example_inputs
+from conftest import example_inputs
 
 
 def _ties_and_neighbours(grid, scale: float) -> torch.Tensor:
@@ -495,7 +495,7 @@ def test_hadamard_rotation_keeps_the_function_in_float32():
     from ditq_compiler.pass_manager import PassManager
     from ditq_compiler.passes import AnnotateLinearQuantization
     from ditq_compiler.passes.rotation import RotateHadamard
-    from ditq_compiler.tracing import trace_dit
+    from conftest import trace_dit
 
     model = modulated_dit()
     inputs = example_inputs(TINY_CONFIG, batch=3, seed=5)

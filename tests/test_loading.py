@@ -1,4 +1,7 @@
+import argparse
+import collections
 import json
+import os
 
 import pytest
 import torch
@@ -9,11 +12,13 @@ from ditq_compiler.loading import DEFAULT_SCHEDULER_CONFIG, load_checkpoint
 
 
 def _same_function(a, b, config) -> float:
-    from ditq_compiler.tracing import example_inputs
+    """Max |a - b| of one denoiser call on random inputs, relative to max |b|."""
+    from conftest import example_inputs
 
     x, t, y = example_inputs(config, batch=3)
     with torch.no_grad():
-        return float((a(x, t, y).sample - b(x, t, y).sample).abs().max())
+        out_a, out_b = a(x, t, y).sample, b(x, t, y).sample
+    return float((out_a - out_b).abs().max() / out_b.abs().max())
 
 
 def test_diffusers_dir_with_default_scheduler(tiny_dit_dir):
@@ -62,18 +67,181 @@ def _original_state_dict(model) -> dict:
     return out
 
 
-def test_original_dit_pt_is_mapped_and_sized_from_tensors(tmp_path):
-    model = make_tiny_dit(num_attention_heads=1, attention_head_dim=64)
-    with torch.no_grad():  # the original DiT shares one embedder between blocks
+def _shared_embedder_dit(seed: int = 0, **overrides):
+    """A tiny diffusers DiT whose blocks share one embedder, as every model converted from the original does."""
+    model = make_tiny_dit(seed, **overrides)
+    with torch.no_grad():
         for block in model.transformer_blocks[1:]:
             block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
+    return model
+
+
+def test_original_dit_pt_is_mapped_and_sized_from_tensors(tmp_path):
+    model = _shared_embedder_dit(num_attention_heads=1, attention_head_dim=64)
     path = tmp_path / "DiT-tiny.pt"
     torch.save({"ema": _original_state_dict(model)}, path)
-    loaded = load_checkpoint(path)
+    loaded = load_checkpoint(path, num_heads=1)
     config = loaded.model_config
     assert (config["num_layers"], config["patch_size"], config["sample_size"]) == (2, 2, 8)
     assert (config["in_channels"], config["out_channels"], config["num_embeds_ada_norm"]) == (4, 8, 10)
     assert _same_function(loaded.model, model, config) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The number of attention heads is never guessed
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def four_heads_of_32(tmp_path_factory):
+    """(diffusers model, .pt of its original state dict): width 128, none of the published DiT widths."""
+    model = _shared_embedder_dit(num_attention_heads=4, attention_head_dim=32)
+    path = tmp_path_factory.mktemp("w128") / "DiT-w128.pt"
+    torch.save(_original_state_dict(model), path)
+    return model, path
+
+
+def test_unpublished_width_without_num_heads_is_refused(four_heads_of_32):
+    _, path = four_heads_of_32
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "hidden width 128 is none of the published DiT sizes" in message and "--num-heads N" in message
+    assert "\n" not in message
+
+
+def test_num_heads_given_loads_the_same_function(four_heads_of_32):
+    model, path = four_heads_of_32
+    loaded = load_checkpoint(path, num_heads=4)
+    config = loaded.model_config
+    assert (config["num_attention_heads"], config["attention_head_dim"]) == (4, 32)
+    assert _same_function(loaded.model, model, config) <= 1e-6
+    # what the old 64-wide-heads fallback loaded: the same tensors, another function
+    two = load_checkpoint(path, num_heads=2)
+    assert _same_function(two.model, model, two.model_config) > 1e-3
+
+
+@pytest.mark.parametrize("num_heads, message", [
+    (3, "--num-heads 3 does not divide the hidden width 128"),
+    (0, "--num-heads must be a positive integer, got 0"),
+    (True, "--num-heads must be a positive integer, got True"),
+])
+def test_bad_num_heads_is_refused(four_heads_of_32, num_heads, message):
+    _, path = four_heads_of_32
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path, num_heads=num_heads)
+
+
+def test_num_heads_for_a_diffusers_dir_must_agree_with_its_config(tiny_dit_dir):
+    assert load_checkpoint(tiny_dit_dir, num_heads=2).model_config["num_attention_heads"] == 2
+    with pytest.raises(CheckpointError, match="config.json says num_attention_heads 2, --num-heads 4"):
+        load_checkpoint(tiny_dit_dir, num_heads=4)
+
+
+def test_cli_refuses_an_unpublished_width_before_compiling(four_heads_of_32, tmp_path, capsys):
+    from ditq_compiler.cli import build_parser, main
+
+    _, path = four_heads_of_32
+    assert main(["compile", str(path), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ditq compile: error: ") and "--num-heads N" in err[0], err
+    assert not (tmp_path / "out").exists()
+    for command, extra in (("compile", ["-o", "out"]), ("inspect", ["--dump-dir", "dumps"])):
+        assert build_parser().parse_args([command, str(path), *extra, "--num-heads", "4"]).num_heads == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints as DiT's train.py saves them: {"model", "ema", "opt", "args"}
+# ---------------------------------------------------------------------------------------------
+
+def _adamw_state() -> dict:
+    """A real AdamW state (torch 2.x), after one step on a tiny model."""
+    model = make_tiny_dit(seed=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
+    model(x, t, y).sample.square().mean().backward()
+    optimizer.step()
+    return optimizer.state_dict()
+
+
+def _training_checkpoint(ema_model, **args) -> dict:
+    """``{"model", "ema", "opt", "args"}`` as train.py writes it; ``model`` is another function than ``ema``."""
+    ema = collections.OrderedDict(_original_state_dict(ema_model))  # ema.state_dict() is an OrderedDict
+    return {"model": {name: -tensor for name, tensor in ema.items()}, "ema": ema, "opt": _adamw_state(),
+            "args": argparse.Namespace(results_dir="results", data_path="/data/imagenet/train", vae="ema",
+                                       epochs=1400, global_batch_size=256, global_seed=0, num_workers=4,
+                                       log_every=100, ckpt_every=50_000, **args)}
+
+
+def test_training_checkpoint_takes_ema_and_its_size_from_args(tmp_path):
+    # DiT-S/2 at its published depth, width and heads; 4x4 latents (image_size 32) keep it small
+    model = _shared_embedder_dit(num_attention_heads=6, attention_head_dim=64, num_layers=12, sample_size=4)
+    path = tmp_path / "0400000.pt"
+    torch.save(_training_checkpoint(model, model="DiT-S/2", image_size=32, num_classes=10), path)
+    loaded = load_checkpoint(path)
+    config = loaded.model_config
+    assert (config["num_attention_heads"], config["attention_head_dim"], config["num_layers"]) == (6, 64, 12)
+    assert (config["patch_size"], config["sample_size"], config["num_embeds_ada_norm"]) == (2, 4, 10)
+    assert _same_function(loaded.model, model, config) <= 1e-6
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"model": "DiT-XL/2"}, r"its training args say DiT-XL/2 \(depth 28, width 1152, patch 2\) but the weights "
+                            r"have depth 2, width 32, patch 2; if the weights are right, pass --num-heads N"),
+    ({"model": "DiT-S/4"}, r"its training args say DiT-S/4 \(depth 12, width 384, patch 4\)"),
+    ({"model": "DiT-Tiny/2"}, r"its training args name the model 'DiT-Tiny/2', not a published DiT size .* "
+                              r"pass --num-heads N"),
+    ({"model": "DiT-B/2", "num_heads": 2}, None),  # an explicit head count wins over the args
+    ({"num_classes": 1000}, r"training args say num_classes 1000 but the class embedding has 11 rows"),
+    ({"image_size": 256}, r"training args say image_size 256 \(32x32 latents\) but pos_embed is for 8x8"),
+])
+def test_training_args_that_do_not_describe_the_weights_are_refused(args, message, tmp_path):
+    model = _shared_embedder_dit()  # depth 2, width 32 (2 heads of 16), patch 2, 8x8 latents, 10 classes
+    num_heads = args.pop("num_heads", None)
+    if "model" not in args:
+        num_heads = 2  # the width says nothing; the cross-checks are what is tested
+    path = tmp_path / "ckpt.pt"
+    torch.save(_training_checkpoint(model, **args), path)
+    if message is None:
+        loaded = load_checkpoint(path, num_heads=num_heads)
+        assert _same_function(loaded.model, model, loaded.model_config) <= 1e-6
+        return
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_checkpoint(path, num_heads=num_heads)
+    assert "\n" not in str(error.value)
+
+
+def test_training_args_depth_must_match_too(tmp_path):
+    """The published DiT-S/2 is 12 blocks deep: 1 block means the name does not describe the weights, so its
+    head count would be a guess. The published width alone (no args) still gives the heads."""
+    model = _shared_embedder_dit(num_attention_heads=6, attention_head_dim=64, num_layers=1, sample_size=4)
+    path = tmp_path / "ckpt.pt"
+    torch.save(_training_checkpoint(model, model="DiT-S/2"), path)
+    with pytest.raises(CheckpointError, match="but the weights have depth 1, width 384, patch 2"):
+        load_checkpoint(path)
+    torch.save({"ema": _original_state_dict(model)}, path)
+    loaded = load_checkpoint(path)
+    assert loaded.model_config["num_attention_heads"] == 6
+    assert _same_function(loaded.model, model, loaded.model_config) <= 1e-6
+
+
+class _Hook:
+    pass
+
+
+@pytest.mark.parametrize("extra, where", [
+    ({"args": argparse.Namespace(model="DiT-S/2", hook=os.system)}, "posix.system"),
+    ({"args": _Hook()}, "test_loading._Hook"),
+    ({"opt": {"state": {}, "param_groups": [], "hook": argparse.Namespace()}}, "argparse.Namespace under 'opt'"),
+    ({"args": argparse.Namespace(model="DiT-S/2"), "extra": collections.defaultdict(list)}, "collections.defaultdict"),
+])
+def test_training_checkpoint_with_other_objects_is_refused(extra, where, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": collections.OrderedDict(w=torch.zeros(1)), **extra}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "holds pickled Python objects besides tensors" in message and where in message, message
+    assert "weights_only" not in message and "safe_globals" not in message and "\n" not in message
 
 
 def test_missing_path():
@@ -89,7 +257,7 @@ def test_directory_that_is_no_dit(tmp_path):
 
 def test_other_model_class(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
-    with pytest.raises(CheckpointError, match="describes UNet2DModel, not a DiTTransformer2DModel"):
+    with pytest.raises(CheckpointError, match="describes UNet2DModel, not a model ditq takes"):
         load_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
     with pytest.raises(CheckpointError, match="PixArtTransformer2DModel is not supported yet"):

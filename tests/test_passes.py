@@ -15,7 +15,8 @@ from ditq_compiler.pass_manager import NumericsMismatch, PassManager, PassResult
 from ditq_compiler.passes import (AnnotateLinearQuantization, ChooseQuantParams, CollectActivationStats,
                                   GroupTimesteps, InsertQuantDequant, SplitTimestepGroups)
 from ditq_compiler.qspec import PARAMS_KEY, PROVENANCE_KEY, SPEC_KEY
-from ditq_compiler.tracing import example_inputs, linear_sites, trace_dit
+from conftest import example_inputs, trace_dit
+from ditq_compiler.tracing import linear_sites
 
 BLOCKS = TINY_CONFIG["num_layers"]
 CONFIG = CompileConfig(calibration=CalibrationConfig(steps=5, samples=2))

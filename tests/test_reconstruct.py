@@ -24,7 +24,7 @@ from ditq_compiler.passes.reconstruct.fakequant import ActivationQuantizer, Weig
 from ditq_compiler.passes.reconstruct.gptq import gptq_integers, output_error
 from ditq_compiler.qspec import ActivationParams, QuantizerSpec
 from ditq_compiler.quantizers import fake_quantize_activation, fake_quantize_weight
-from ditq_compiler.tracing import example_inputs
+from conftest import example_inputs
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -37,7 +37,7 @@ def test_w8a8_reference_artifact_stays_consistent_with_fp(reference_artifact):
     values = []
     for seed in SEEDS:
         with torch.no_grad():
-            fp = sample(lambda x, t, y: loaded.model(x, timestep=t, class_labels=y).sample, loaded.scheduler_config,
+            fp = sample(loaded.family, lambda x, t, y: loaded.model(x, timestep=t, class_labels=y).sample, loaded.scheduler_config,
                         loaded.model_config, LABELS, steps=STEPS, guidance_scale=4.0, seed=seed)
         quantized = reference_artifact.sample(LABELS, steps=STEPS, guidance_scale=4.0, seed=seed, provider="cpu")
         values.append(psnr(quantized, fp))

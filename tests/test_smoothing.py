@@ -27,7 +27,7 @@ from ditq_compiler.passes import (AnnotateLinearQuantization, CollectActivationS
 from ditq_compiler.passes.recipes import dilation_scale, recipe_passes
 from ditq_compiler.passes.smoothing import Smoothing, SmoothingPlan
 from ditq_compiler.qspec import SMOOTHING_KEY, SPEC_KEY
-from ditq_compiler.tracing import example_inputs, trace_dit
+from conftest import example_inputs, trace_dit
 
 RECIPES = ["smoothquant", "ptq4dit", "htg", "vidit", "dilate"]
 CALIB = CalibrationConfig(steps=6, samples=2)

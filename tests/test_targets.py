@@ -20,7 +20,7 @@ from ditq_compiler.exporters.lowering import (INVERSES, LayerRecord, LoweringCon
 from ditq_compiler.exporters.lowering.cuda import (FLOAT16_MAX_ERROR_TOLERANCE, FLOAT16_REL_L2_TOLERANCE,
                                                    PRECISION_KEY)
 from ditq_compiler.numerics import agreement
-from ditq_compiler.tracing import example_inputs
+from conftest import example_inputs
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 GROUPS = {"cpu": 1, "cuda": 1, "tensorrt": 2}  # tensorrt with groups: one model file per group

@@ -15,7 +15,7 @@ from ditq_compiler.loading import DEFAULT_SCHEDULER_CONFIG
 from ditq_compiler.numerics import agreement
 from ditq_compiler.passes import GroupTimesteps
 from ditq_compiler.passes.grouping import htg_cluster, uniform_groups
-from ditq_compiler.tracing import example_inputs
+from conftest import example_inputs
 
 
 def test_uniform_groups_tile_the_range():

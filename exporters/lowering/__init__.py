@@ -78,7 +78,7 @@ class LayerRecord:
 class LoweringContext:
     """What lowering passes may need beyond the model and its layers.
 
-    ``probe_inputs``: denoiser inputs (numpy ``sample, timestep, class_labels``) per timestep group, on which
+    ``probe_inputs``: denoiser inputs (numpy arrays in the model's input order) per timestep group, on which
     a pass may run the model to measure value ranges (the CUDA target's float16 overflow check).
     ``group_models`` is filled by a pass that writes one
     model per timestep group (the TensorRT target); the artifact stores them beside ``model.onnx``."""

@@ -33,8 +33,6 @@ from . import LoweringPass, all_nodes
 
 PASS_KEY = "ditq.pass"  # node metadata: the lowering pass that created the node
 LAYER_KEY = "ditq.layer"  # node metadata: the quantized layer it belongs to, when it belongs to one
-INPUT_NAMES = ("sample", "timestep", "class_labels")
-OUTPUT_NAME = "out"
 
 
 def mark_origin(node: ir.Node, pass_name: str, layer: str | None = None) -> ir.Node:
@@ -192,8 +190,7 @@ def group_branches(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, dict[st
     """The ``If`` nodes of a timestep-grouped model, in group order, each with the map from the outer tensors
     its branch reads as its inputs (``GatherND`` of a graph input: that group's rows) to the input's name.
     Empty for a model without groups. Structural, from ``exporters/branches.py``'s graph: one ``If`` per group,
-    in order, whose ``then`` branch reads the rows ``GatherND`` selected from ``sample``/``timestep``/
-    ``class_labels``."""
+    in order, whose ``then`` branch reads the rows ``GatherND`` selected from the graph's inputs."""
     graph = model.graph
     graph_inputs = {i.name for i in graph.input}
     gathered = {node.output[0]: node.input[0] for node in graph.node
@@ -211,20 +208,19 @@ def group_branches(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, dict[st
 
 def split_group_models(model: onnx.ModelProto) -> list[onnx.ModelProto]:
     """One model per timestep group: the group's ``then`` branch with the initializers it reads, its row
-    inputs renamed back to ``sample``/``timestep``/``class_labels`` and its output to ``out``. Each computes
+    inputs renamed back to the graph's input names and its output to the graph's output name. Each computes
     what the grouped model computes for rows of its group."""
     outer_initializers = {t.name: t for t in model.graph.initializer}
-    input_info = {i.name: i for i in model.graph.input}
     models = []
     for if_node, inputs in group_branches(model):
         then_graph = onnx.GraphProto()
         then_graph.CopyFrom(next(a.g for a in if_node.attribute if a.name == "then_branch"))
         rename = dict(inputs)
-        rename[then_graph.output[0].name] = OUTPUT_NAME
+        rename[then_graph.output[0].name] = model.graph.output[0].name
         _rename(then_graph, rename)
         used = [name for name in _outer_references(then_graph) if name in outer_initializers]
         graph = helper.make_graph(list(then_graph.node), then_graph.name,
-                                  [input_info[name] for name in INPUT_NAMES],
+                                  list(model.graph.input),
                                   [model.graph.output[0]], [outer_initializers[name] for name in used])
         group_model = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="ditq")
         group_model.ir_version = model.ir_version
@@ -262,6 +258,16 @@ def probe_ranges(model: onnx.ModelProto, inputs_by_group: dict[int, list[tuple]]
     return dict(ranges)
 
 
+def model_feeds(model: onnx.ModelProto, inputs) -> dict[str, np.ndarray]:
+    """ONNX Runtime's feeds for denoiser ``inputs`` given in the model's input order, each in its input's dtype
+    (the model's inputs are the family signature's, as the exporter named them)."""
+    graph_inputs = list(model.graph.input)
+    if len(inputs) != len(graph_inputs):
+        raise ValueError(f"{len(inputs)} inputs for a model of {len(graph_inputs)}")
+    return {info.name: np.ascontiguousarray(value, dtype=helper.tensor_dtype_to_np_dtype(
+        info.type.tensor_type.elem_type)) for info, value in zip(graph_inputs, inputs)}
+
+
 def _probe_one(model: onnx.ModelProto, batches: list[tuple]) -> dict[str, float]:
     import onnxruntime as ort
 
@@ -280,9 +286,8 @@ def _probe_one(model: onnx.ModelProto, batches: list[tuple]) -> dict[str, float]
         del probe.graph.output[:]
         probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in chunk)
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        for sample, timestep, labels in batches:
-            feeds = {"sample": np.asarray(sample, np.float32), "timestep": np.asarray(timestep, np.int64),
-                     "class_labels": np.asarray(labels, np.int64)}
+        for inputs in batches:
+            feeds = model_feeds(model, inputs)
             for name, array in zip(chunk, session.run(chunk, feeds)):
                 array = np.asarray(array)
                 if array.size and np.issubdtype(array.dtype, np.floating):

@@ -225,7 +225,7 @@ class BlockwiseRun:
                  chunk_rows: int = CHUNK_ROWS):
         self.module, self.ctx, self.method = module, ctx, method
         self.branches = module.graph_modules()
-        self.segments = [partition(gm) for gm in self.branches]
+        self.segments = [partition(gm, ctx.family) for gm in self.branches]
         names = [[s.name for s in segments] for segments in self.segments]
         if any(n != names[0] for n in names[1:]):
             raise SegmentUnsupported("timestep-group branches are cut into different blocks")

@@ -16,7 +16,6 @@ on any number of rows.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -25,8 +24,6 @@ from torch import fx
 from ...qspec import SPEC_KEY
 from ...tracing import module_name
 
-# The DiT family's transformer blocks (ditq_compiler/family.py would be their natural home).
-BLOCK_PATTERN = re.compile(r"^transformer_blocks\.(\d+)(?:\.|$)")
 
 
 class SegmentUnsupported(Exception):
@@ -43,9 +40,8 @@ class Segment:
     layers: list[str] = field(default_factory=list)  # quantized layer keys inside
 
 
-def _block_index(node: fx.Node) -> int | None:
-    match = BLOCK_PATTERN.match(module_name(node) or "")
-    return int(match.group(1)) if match else None
+def _block_of(node: fx.Node, family) -> str | None:
+    return family.block_of(module_name(node) or "")
 
 
 def batch_symbol(gm: fx.GraphModule):
@@ -63,13 +59,14 @@ def is_batch_size(node: fx.Node, batch) -> bool:
     return isinstance(value, torch.SymInt) and str(value) == str(batch)
 
 
-def partition(gm: fx.GraphModule) -> list[Segment]:
-    """prefix, block 0, ..., block N-1, tail: every call_function node in exactly one segment."""
+def partition(gm: fx.GraphModule, family) -> list[Segment]:
+    """prefix, block 0, ..., block N-1, tail: every call_function node in exactly one segment. The blocks are
+    ``family``'s (``ModelFamily.block_of``), in the order the graph first enters them."""
     calls = [node for node in gm.graph.nodes if node.op == "call_function"]
-    first: dict[int, int] = {}
-    last: dict[int, int] = {}
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
     for position, node in enumerate(calls):
-        block = _block_index(node)
+        block = _block_of(node, family)
         if block is not None:
             first.setdefault(block, position)
     blocks = sorted(first, key=first.get)
@@ -77,12 +74,12 @@ def partition(gm: fx.GraphModule) -> list[Segment]:
         return [_describe(gm, Segment("all", False, [n.name for n in calls]), calls)]
     for index, block in enumerate(blocks):
         end = first[blocks[index + 1]] if index + 1 < len(blocks) else len(calls)
-        inside = [p for p in range(first[block], end) if _block_index(calls[p]) == block]
+        inside = [p for p in range(first[block], end) if _block_of(calls[p], family) == block]
         last[block] = inside[-1]
     spans = [("prefix", False, 0, first[blocks[0]])]
     for index, block in enumerate(blocks):
         end = first[blocks[index + 1]] if index + 1 < len(blocks) else last[block] + 1
-        spans.append((f"transformer_blocks.{block}", True, first[block], end))
+        spans.append((block, True, first[block], end))
     spans.append(("tail", False, last[blocks[-1]] + 1, len(calls)))
     return [_describe(gm, Segment(name, is_block, [n.name for n in calls[start:end]]), calls)
             for name, is_block, start, end in spans]
