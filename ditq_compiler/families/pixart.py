@@ -1,0 +1,114 @@
+"""PixArt-α/Σ (adaLN-single, cross-attention to T5 embeddings): diffusers' ``PixArtTransformer2DModel``.
+
+Signature ``(sample [B, C, H, W] float32, encoder_hidden_states [B, L, D_text] float32, timestep [B] int64,
+encoder_attention_mask [B, L] int64) -> out [B, C_out, H, W]``: the latents, the text encoder's hidden states
+and its attention mask (1 for a token, 0 for padding, as the tokenizer gives it), and integer timesteps
+``0..T-1``. The α-1024 variant's ``added_cond_kwargs`` (resolution, aspect ratio) are not in the signature yet,
+so a model with ``use_additional_conditions`` is refused.
+
+Export clean-up: PixArt's forward ends with ``output.squeeze(1)`` on a tensor whose dim 1 is the token count,
+a no-op in torch that ``torch.onnx`` writes as a ``Squeeze`` ONNX Runtime rejects (the dim is not 1). Such
+squeezes are dropped from the fx graph before any pass (:func:`drop_noop_squeezes`).
+
+What this adapter does not do yet: calibration trajectories and sampling (they run through the user's diffusers
+pipeline: text encoding, classifier-free guidance with the empty prompt), so the loader does not take PixArt
+checkpoints; see the README's families table.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import fx
+
+from ..errors import CheckpointError
+from .base import InputSpec, ModelFamily, Signature, TimestepDomain
+
+
+def drop_noop_squeezes(gm: fx.GraphModule) -> int:
+    """Remove ``aten.squeeze.dim(s)`` nodes whose squeezed dims are not 1 in the traced shapes (a no-op in torch;
+    an invalid ``Squeeze`` in ONNX). A squeeze whose dim may be 1 is kept. Returns how many were dropped."""
+    dropped = 0
+    squeezes = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in squeezes:
+            continue
+        source = node.args[0]
+        value = source.meta.get("val") if isinstance(source, fx.Node) else None
+        if not isinstance(value, torch.Tensor):
+            continue
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        sizes = [value.shape[d] for d in dims]
+        if all(not isinstance(size, torch.SymInt) and int(size) != 1 for size in sizes):
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            dropped += 1
+    return dropped
+
+
+class PixArtFamily(ModelFamily):
+    name = "PixArt (adaLN-single)"
+    model_classes = ("PixArtTransformer2DModel",)
+    roles = {
+        "qkv": ("transformer_blocks.*.attn1.to_q", "transformer_blocks.*.attn1.to_k",
+                "transformer_blocks.*.attn1.to_v"),
+        "attn_out": ("transformer_blocks.*.attn1.to_out.0", "transformer_blocks.*.attn2.to_out.0"),
+        "cross_q": ("transformer_blocks.*.attn2.to_q",),
+        "cross_kv": ("transformer_blocks.*.attn2.to_k", "transformer_blocks.*.attn2.to_v"),
+        "fc1": ("transformer_blocks.*.ff.net.0.proj",),
+        "fc2": ("transformer_blocks.*.ff.net.2",),
+        "adaln": ("adaln_single.linear",),
+        "embedder": ("adaln_single.emb.*", "caption_projection.*", "pos_embed.*"),
+        "final": ("proj_out",),
+    }
+    default_quantized_roles = ("qkv", "attn_out", "cross_q", "cross_kv", "fc1", "fc2", "adaln")
+    optional_quantized_roles = ("embedder", "final")
+    required_config_ints = ("in_channels", "sample_size", "caption_channels")
+    block_pattern = re.compile(r"^(transformer_blocks\.\d+)(?:\.|$)")
+    default_scheduler_config = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000,
+                                "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                                "prediction_type": "epsilon"}
+
+    def build_model(self, config: dict, where) -> torch.nn.Module:
+        from diffusers import PixArtTransformer2DModel
+
+        try:
+            model = PixArtTransformer2DModel.from_config(config)
+        except Exception as exc:
+            raise CheckpointError(f"{where}: invalid PixArtTransformer2DModel config: {exc}") from None
+        if model.config.use_additional_conditions:
+            raise CheckpointError(f"{where}: a PixArt model with use_additional_conditions (PixArt-α 1024: resolution "
+                                  "and aspect-ratio inputs) is not supported yet")
+        return model
+
+    def signature(self, model_config: dict) -> Signature:
+        return Signature(
+            (InputSpec("sample", "hidden_states", "float32", ("batch", "channels", "height", "width"), "latent"),
+             InputSpec("encoder_hidden_states", "encoder_hidden_states", "float32",
+                       ("batch", "text_tokens", "caption_channels"), "text"),
+             InputSpec("timestep", "timestep", "int64", ("batch",), "timestep"),
+             InputSpec("encoder_attention_mask", "encoder_attention_mask", "int64", ("batch", "text_tokens"),
+                       "mask")),
+            output="out", output_shape=("batch", "out_channels", "height", "width"))
+
+    def example_inputs(self, model_config: dict, batch: int = 2, seed: int = 0,
+                       text_tokens: int = 8) -> tuple[torch.Tensor, ...]:
+        generator = torch.Generator().manual_seed(seed)
+        channels, size = int(model_config["in_channels"]), int(model_config["sample_size"])
+        sample = torch.randn((batch, channels, size, size), generator=generator)
+        text = torch.randn((batch, text_tokens, int(model_config["caption_channels"])), generator=generator)
+        timestep = torch.randint(0, 1000, (batch,), generator=generator, dtype=torch.int64)
+        lengths = torch.randint(1, text_tokens + 1, (batch,), generator=generator)
+        mask = (torch.arange(text_tokens)[None, :] < lengths[:, None]).to(torch.int64)
+        return sample, text, timestep, mask
+
+    def export_cleanups(self):
+        return (drop_noop_squeezes,)
+
+    def timestep_domain(self, scheduler_config: dict) -> TimestepDomain:
+        last = int(scheduler_config.get("num_train_timesteps", 1000)) - 1
+        return TimestepDomain("discrete", "int64", 0, last)
+
+
+PIXART = PixArtFamily()
