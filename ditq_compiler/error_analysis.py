@@ -86,7 +86,7 @@ def measure_layer_errors(model: torch.nn.Module, family, groups, layers_by_group
                          scheduler_config: dict, model_config: dict, *, steps: int, samples: int = 2,
                          guidance_scale: float = 4.0, seed: int = 0) -> dict[str, dict[int, float]]:
     """``layers_by_group[g]``: the quantized layers of timestep group ``groups[g]``'s branch; the trajectories
-    are ``family``'s sampling loop on ``samples`` of its calibration conditions."""
+    are ``family``'s sampling loop on ``samples`` conditions spread from ``seed``."""
     errors: dict[str, dict[int, float]] = {name: {} for name in layers_by_group[0]}
     current = {"calls": {}}
     handles = []
@@ -116,7 +116,7 @@ def measure_layer_errors(model: torch.nn.Module, family, groups, layers_by_group
         current["layers"] = layers_by_group[group]
         return model(**signature.kwargs(inputs), return_dict=False)[0]
 
-    conditions = family.calibration_conditions(model_config, samples, seed)
+    conditions = family.spread_conditions(model_config, samples, offset=seed)
     try:
         with torch.no_grad():
             for _ in family.iterate_sampling(denoise, scheduler_config, model_config, conditions, steps=steps,

@@ -102,7 +102,7 @@ def probe_inputs(artifact: Artifact) -> dict[int, list[tuple]]:
     spread over the group's timesteps (what the CUDA target measures float16 ranges on)."""
     calibration = artifact.manifest.get("calibration", {})
     family = artifact.family
-    conditions = family.calibration_conditions(artifact.model_config, PROBE_SAMPLES, int(calibration.get("seed", 0)))
+    conditions = family.spread_conditions(artifact.model_config, PROBE_SAMPLES)
     seed = int(calibration.get("seed", 0))
     guidance = float(calibration.get("guidance_scale", 4.0))
     timestep_at = artifact.signature.index("timestep")

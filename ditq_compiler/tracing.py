@@ -55,9 +55,9 @@ def trace_model(model: torch.nn.Module, family: ModelFamily, model_config: dict,
         if target not in by_kwarg:
             graph.erase_node(node)
     ordered = [placeholders[spec.kwarg] for spec in signature.inputs]
-    first = next(iter(graph.nodes))
+    anchor = next(node for node in graph.nodes if node.op != "placeholder")
     for node, spec in zip(ordered, signature.inputs):  # signature order, whatever the forward's order is
-        first.prepend(node)
+        anchor.prepend(node)
         node.name = node.target = spec.name
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = (output.args[0][0],)  # (sample,) -> sample

@@ -173,8 +173,8 @@ def test_tensorrt_quantizers_are_symmetric_and_each_group_has_its_own_model(comp
     batch = feeds(4, 5)
     batch["timestep"] = np.array([10, 990, 500, 499], dtype=np.int64)
     whole = artifact.session("cpu").run(["out"], batch)[0]
-    by_group = artifact.denoise_by_group(artifact.group_model_paths, batch["sample"], batch["timestep"],
-                                         batch["class_labels"], "cpu")
+    by_group = artifact.denoise_by_group(artifact.group_model_paths,
+                                         (batch["sample"], batch["timestep"], batch["class_labels"]), "cpu")
     np.testing.assert_allclose(by_group, whole, rtol=0, atol=1e-6)
 
 

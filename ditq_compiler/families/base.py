@@ -216,6 +216,10 @@ class ModelFamily:
         """What each calibration trajectory is conditioned on (one entry per trajectory)."""
         raise NotImplementedError
 
+    def spread_conditions(self, model_config: dict, count: int, offset: int = 0) -> list:
+        """``count`` conditions spread over what the model takes (a probe or error trajectory's), from ``offset``."""
+        raise NotImplementedError
+
     def iterate_sampling(self, denoise: DenoiseFn, scheduler_config: dict, model_config: dict, conditions: list, *,
                          steps: int, guidance_scale: float, seed: int) -> Iterator[tuple[int, tuple, torch.Tensor]]:
         """Yield ``(timestep, denoiser inputs, latents)`` after each step; ``denoise(*inputs)`` is called once a

@@ -103,6 +103,10 @@ class DiTFamily(ModelFamily):
         generator = torch.Generator().manual_seed(seed + 1)
         return torch.randint(0, self.num_classes(model_config), (samples,), generator=generator).tolist()
 
+    def spread_conditions(self, model_config: dict, count: int, offset: int = 0) -> list[int]:
+        num_classes = self.num_classes(model_config)
+        return [(offset + i) % num_classes for i in range(count)]
+
     def iterate_sampling(self, denoise: DenoiseFn, scheduler_config: dict, model_config: dict, conditions: list, *,
                          steps: int, guidance_scale: float, seed: int) -> Iterator[tuple[int, tuple, torch.Tensor]]:
         from ..sampling import make_scheduler

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -65,7 +64,9 @@ def read_original_checkpoint(file: Path) -> tuple[dict[str, torch.Tensor], dict 
         return _read_tensors(file), None
     # A zip checkpoint (torch.save since 1.6) is memory-mapped: a training checkpoint's model copy and
     # optimizer state (3x the EMA weights) are then never read into memory.
-    data = _torch_load(file, allowed_globals=(argparse.Namespace,), mmap=zipfile.is_zipfile(file))
+    with open(file, "rb") as handle:  # torch.save's zip format starts with a local file header
+        is_zip = handle.read(4) == b"PK\x03\x04"
+    data = _torch_load(file, allowed_globals=(argparse.Namespace,), mmap=is_zip)
     train_args = None
     if isinstance(data, dict):
         args = data.get("args")
