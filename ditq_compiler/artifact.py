@@ -99,11 +99,24 @@ class Artifact:
 
     @property
     def signature(self):
-        """The denoiser's inputs and output (the family's signature for the compiled config)."""
+        """The denoiser's inputs and output as the manifest records them (the compile's decision, carried as
+        data); for an artifact whose manifest predates input roles, the family's signature of its config."""
+        from .families import Signature
+
+        inputs, outputs = self.manifest.get("inputs"), self.manifest.get("outputs")
+        if isinstance(inputs, dict) and isinstance(outputs, dict) and len(outputs) == 1 and inputs and \
+                all(isinstance(record, dict) and "role" in record for record in inputs.values()):
+            return Signature.from_manifest(inputs, outputs)
         return self.family.signature(self.model_config)
 
     @property
     def timestep_domain(self):
+        """The timesteps the artifact takes, as its manifest records them (the family's, for older manifests)."""
+        from .families import TimestepDomain
+
+        recorded = self.manifest.get("timestep_domain")
+        if isinstance(recorded, dict):
+            return TimestepDomain(str(recorded["kind"]), str(recorded["dtype"]), recorded["low"], recorded["high"])
         return self.family.timestep_domain(self.scheduler_config)
 
     @property

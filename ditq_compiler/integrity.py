@@ -165,6 +165,13 @@ def check_schema(manifest: dict, where: str) -> None:
         _require_positive_int(scheduler, "num_train_timesteps", where, "scheduler.")
     if "_class_name" in scheduler:
         _require_str(scheduler, "_class_name", where, "scheduler.")
+    if "timestep_domain" in manifest:  # read back by Artifact.timestep_domain
+        domain = _require_dict(manifest, "timestep_domain", where)
+        for key in ("kind", "dtype"):
+            _require_str(domain, key, where, "timestep_domain.")
+        if not all(isinstance(domain.get(key), (int, float)) and not isinstance(domain.get(key), bool)
+                   for key in ("low", "high")):
+            raise ArtifactError(f"{where}: timestep_domain.low/high must be numbers; recompile the artifact")
     layers = manifest.get("quantized_layers")
     if not isinstance(layers, list) or not all(isinstance(name, str) for name in layers):
         raise ArtifactError(f"{where}: quantized_layers must be a list of names; recompile the artifact")

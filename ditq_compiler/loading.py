@@ -79,7 +79,7 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None) -> Loaded
             f"unsupported checkpoint {path}: give a diffusers directory or an original DiT .pt state dict"
         )
     model.eval().float()
-    return LoadedCheckpoint(model, family.model_class_of(model), config, scheduler_config, str(path), digest)
+    return LoadedCheckpoint(model, type(model).__name__, config, scheduler_config, str(path), digest)
 
 
 def _sha256_of(files: list[Path]) -> str:
@@ -167,7 +167,12 @@ def _torch_load(file: Path, allowed_globals: tuple = (), mmap: bool = False):
 
 
 def _torch_load_weights(file: Path) -> dict[str, torch.Tensor]:
-    data = _torch_load(file)
+    return state_dict_of(_torch_load(file), file)
+
+
+def state_dict_of(data, file: Path) -> dict[str, torch.Tensor]:
+    """The state dict a loaded ``.pt`` holds: itself, or the one nested under ``ema``, ``model`` or ``state_dict``
+    (in that order); anything else is refused with one line."""
     if isinstance(data, dict):
         for key in ("ema", "model", "state_dict"):  # DiT training checkpoints nest the weights
             if key in data and isinstance(data[key], dict):

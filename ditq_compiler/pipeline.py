@@ -15,7 +15,6 @@ from .artifact import FORMAT_VERSION, MODEL_FILE, Artifact, staging_directory
 from .config import CompileConfig
 from .context import CompileContext
 from .errors import DitqError
-from .families import family_for
 from .loading import LoadedCheckpoint, load_checkpoint
 from .memory import release_freed_memory
 from .pass_manager import DumpInstrument, GraphPass, PassInstrument, PassManager, graph_modules
@@ -81,7 +80,7 @@ def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfi
     else:
         with phase("loading the checkpoint"):
             loaded = load_checkpoint(checkpoint, num_heads=config.num_heads)
-    family = family_for(loaded.model_class)
+    family = loaded.family
     config.calibration.validate(int(loaded.scheduler_config.get("num_train_timesteps", 1000)))
     torch.manual_seed(config.calibration.seed)
     check_inputs = family.example_inputs(loaded.model_config, batch=2, seed=config.calibration.seed)
@@ -125,8 +124,7 @@ def build_manifest(result: CompileResult, fusion: dict | None, files: list[str])
         "layers": {key: record.to_manifest() for key, record in result.layers.items()},
         "files": files,
         "fusion": fusion,
-        "passes": [{"name": r.name, "modified": r.modified, "summary": r.summary}
-                   for r in result.pass_manager.records],
+        "passes": [pass_record(r) for r in result.pass_manager.records],
     }
 
 

@@ -189,10 +189,6 @@ class ModelFamily:
     def build_model(self, config: dict, where) -> torch.nn.Module:
         raise NotImplementedError
 
-    def model_class_of(self, model: torch.nn.Module) -> str:
-        """The diffusers class name of a model this family built."""
-        return type(model).__name__
-
     def load_original(self, file, *, num_heads: int | None = None) -> tuple[torch.nn.Module, dict, str]:
         """``(model, config, sha256)`` of an original checkpoint file."""
         raise NotImplementedError(f"{self.name} has no original checkpoint format")

@@ -58,7 +58,7 @@ def load_original_dit(file: Path, *, num_heads: int | None = None) -> tuple[torc
 
 def read_original_checkpoint(file: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The state dict (a training checkpoint's ``ema``, else its ``model``) and the training args, if any."""
-    from ..loading import _read_tensors, _torch_load
+    from ..loading import _read_tensors, _torch_load, state_dict_of
 
     if file.suffix == ".safetensors":
         return _read_tensors(file), None
@@ -78,13 +78,7 @@ def read_original_checkpoint(file: Path) -> tuple[dict[str, torch.Tensor], dict 
                     f"{file} holds pickled Python objects besides tensors (argparse.Namespace under {key!r}, "
                     "where DiT's train.py writes only 'args'); ditq loads weights only. Re-save just the state "
                     "dict where you trust the file: torch.save(ckpt['ema'], 'DiT.pt')")
-        for key in ("ema", "model", "state_dict"):  # DiT training checkpoints nest the weights
-            if key in data and isinstance(data[key], dict):
-                data = data[key]
-                break
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"{file} does not hold a state dict of tensors")
-    return data, train_args
+    return state_dict_of(data, file), train_args
 
 
 def _holds_namespace(value) -> bool:
