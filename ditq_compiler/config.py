@@ -193,6 +193,10 @@ class CalibrationConfig:
     samples: int = 8
     guidance_scale: float = 4.0
     seed: int = 0
+    # a text-to-image family: the prompts file (``--prompts``; None = the shipped list) and a recording of the
+    # transformer's calls to calibrate on instead of running the pipeline (``--calibration-inputs``)
+    prompts: str | None = None
+    inputs: str | None = None
 
     def validate(self, num_train_timesteps: int | None = None) -> None:
         """Check every number (type, finiteness, range; see ``limits.py`` for why each bound).
@@ -206,6 +210,11 @@ class CalibrationConfig:
                   "each sample runs in one batch with its guidance twin")
         check_guidance_scale(self.guidance_scale)
         check_seed(self.seed)
+        from pathlib import Path
+
+        for flag, file in (("--prompts", self.prompts), ("--calibration-inputs", self.inputs)):
+            if file is not None and not Path(file).is_file():
+                raise ConfigError(f"{flag}: {file} not found")
 
 
 RECONSTRUCTIONS: dict[str, str] = {

@@ -57,6 +57,10 @@ class CompileContext:
     mixed_precision: dict = field(default_factory=dict)
     # A few denoiser inputs per calibrated timestep (timestep -> (sample, timestep, labels)).
     calibration_inputs: dict = field(default_factory=dict)
+    # Recorded transformer calls ``(timestep, inputs in signature order)`` from the user's diffusers pipeline
+    # (``recording.py``); when set, calibration replays them instead of running the family's sampling loop.
+    recorded_calls: object | None = None  # a recording.Recording, or a list of (timestep, inputs)
+    recording_source: dict | None = None  # what produced the recording (for the manifest)
 
     def check_inputs_by_group(self, per_group: int | None = 2) -> dict[int, list]:
         """Up to ``per_group`` recorded calibration inputs for each timestep group, spread over the group
@@ -71,6 +75,13 @@ class CompileContext:
                 timesteps = [timesteps[p] for p in sorted(set(positions))]
             chosen[group.index] = [self.calibration_inputs[t] for t in timesteps]
         return chosen
+
+    def export_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Inputs the ONNX exporter traces with: the family's examples, or (calibrated on recorded pipeline calls,
+        whose text length the graph fixes) the check inputs."""
+        if self.recorded_calls is not None:
+            return self.check_inputs
+        return self.family.example_inputs(self.model_config, batch=2)
 
     @property
     def signature(self) -> Signature:

@@ -22,7 +22,7 @@ def inspect_checkpoint(checkpoint, dump_dir: str | Path, config: CompileConfig |
     dump_dir = Path(dump_dir)
     result = run_pipeline(checkpoint, config, [DumpInstrument(dump_dir)])
     ctx = result.context
-    model = export_onnx(result.graph_module, ctx.signature, ctx.family.example_inputs(ctx.model_config, batch=2))
+    model = export_onnx(result.graph_module, ctx.signature, ctx.export_inputs())
     layers = result.layers
     lowering_context = lowering_context_of(result)
     lowered = lower(model, ctx.config.target, layers, context=lowering_context, dump_dir=dump_dir,

@@ -4,7 +4,8 @@ Accepted forms:
 
 * a diffusers model directory: ``config.json`` + ``*.safetensors`` (or an index of shards) of a class some
   model family takes (``families.FAMILIES``);
-* a diffusers pipeline directory holding ``transformer/`` and optionally ``scheduler/``;
+* a diffusers pipeline directory holding ``transformer/`` and optionally ``scheduler/`` (and, for a text-to-image
+  family, the text encoder and tokenizer that calibration runs; see ``recording.py``);
 * an original facebookresearch DiT state dict or training checkpoint (``.pt``/``.pth``, DiT-XL/2 naming),
   mapped onto the diffusers model the way diffusers' ``scripts/convert_dit_to_diffusers.py`` maps it, with
   the model size from the tensors and the number of heads never guessed (``families/dit_original.py``).
@@ -30,7 +31,7 @@ from .families import FAMILIES, ModelFamily
 from .families.dit import DIT_DEFAULT_SCHEDULER_CONFIG as DEFAULT_SCHEDULER_CONFIG  # noqa: F401  (bench, tests)
 
 # Classes we recognise and will support later: a clear message instead of a confusing failure.
-KNOWN_UNSUPPORTED_CLASSES = ("PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+KNOWN_UNSUPPORTED_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class LoadedCheckpoint:
     scheduler_config: dict
     source: str
     sha256: str
+    # the diffusers pipeline directory the transformer came from (its text encoder calibrates a text family)
+    pipeline_dir: str | None = None
 
     @property
     def family(self) -> ModelFamily:
@@ -57,10 +60,11 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None) -> Loaded
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
+        pipeline_dir = None
         if (path / "config.json").is_file():
             model_dir, scheduler_dir = path, None
         elif (path / "transformer").is_dir():
-            model_dir = path / "transformer"
+            model_dir, pipeline_dir = path / "transformer", path
             scheduler_dir = path / "scheduler" if (path / "scheduler").is_dir() else None
         else:
             raise CheckpointError(
@@ -71,6 +75,7 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None) -> Loaded
         scheduler_config = _load_scheduler_config(scheduler_dir) if scheduler_dir else \
             dict(family.default_scheduler_config)
     elif path.suffix in (".pt", ".pth", ".ckpt", ".safetensors"):
+        pipeline_dir = None
         family = next(f for f in FAMILIES.values() if f.loads_original_checkpoints)
         model, config, digest = family.load_original(path, num_heads=num_heads)
         scheduler_config = dict(family.default_scheduler_config)
@@ -79,7 +84,8 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None) -> Loaded
             f"unsupported checkpoint {path}: give a diffusers directory or an original DiT .pt state dict"
         )
     model.eval().float()
-    return LoadedCheckpoint(model, type(model).__name__, config, scheduler_config, str(path), digest)
+    return LoadedCheckpoint(model, type(model).__name__, config, scheduler_config, str(path), digest,
+                            str(pipeline_dir) if pipeline_dir else None)
 
 
 def _sha256_of(files: list[Path]) -> str:

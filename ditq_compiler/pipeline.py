@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -83,7 +84,12 @@ def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfi
     family = loaded.family
     config.calibration.validate(int(loaded.scheduler_config.get("num_train_timesteps", 1000)))
     torch.manual_seed(config.calibration.seed)
-    check_inputs = family.example_inputs(loaded.model_config, batch=2, seed=config.calibration.seed)
+    recording = None
+    if family.calibrates_through_pipeline:  # the user's diffusers pipeline runs before tracing, on the float model
+        recording = pipeline_recording(loaded, config)
+        check_inputs = recording.check_inputs()
+    else:
+        check_inputs = family.example_inputs(loaded.model_config, batch=2, seed=config.calibration.seed)
     drop_model = owned and not keep_float_model
     with phase("tracing"):
         from .tracing import trace_model
@@ -96,9 +102,44 @@ def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfi
 
         config.select_layers(list(dict.fromkeys(site.module for site in linear_sites(gm))), family)
     ctx = CompileContext(config, loaded.model_config, loaded.scheduler_config, check_inputs, family=family)
+    if recording is not None:
+        ctx.recorded_calls, ctx.recording_source = recording, recording.source
     manager = PassManager(build_passes(config), instruments or [])
     gm = manager.run(gm, ctx)
     return CompileResult(gm, ctx, loaded, manager, quantized_layer_weights(graph_modules(gm)[0]))
+
+
+def refuse_uncalibratable(loaded: LoadedCheckpoint, config: CompileConfig) -> None:
+    """A text-to-image family needs its text encoder or recorded inputs: refused in one line before any work."""
+    from .errors import ConfigError
+    from .recording import missing_encoder_message, pipeline_has_text_encoder
+
+    if not loaded.family.calibrates_through_pipeline:
+        if config.calibration.inputs is not None or config.calibration.prompts is not None:
+            raise ConfigError(f"--prompts and --calibration-inputs are for text-to-image models; {loaded.model_class} "
+                              "calibrates on its own sampling loop")
+        return
+    if config.calibration.inputs is None and not (loaded.pipeline_dir
+                                                  and pipeline_has_text_encoder(Path(loaded.pipeline_dir))):
+        raise ConfigError(missing_encoder_message(Path(loaded.pipeline_dir or loaded.source)))
+
+
+def pipeline_recording(loaded: LoadedCheckpoint, config: CompileConfig):
+    """The transformer calls calibration replays: ``--calibration-inputs``, checked against the model, or the
+    user's pipeline run on the calibration prompts (``recording.py``)."""
+    from .progress import phase
+    from .prompts import load_prompts
+    from .recording import load_recording, record_pipeline
+
+    refuse_uncalibratable(loaded, config)
+    calib = config.calibration
+    if calib.inputs is not None:
+        return load_recording(calib.inputs, loaded.family, loaded.model_config, loaded.scheduler_config)
+    prompts = load_prompts(calib.prompts)
+    with phase(f"running the diffusers pipeline on {len(prompts)} prompts"):
+        return record_pipeline(loaded.pipeline_dir, loaded.family, loaded.model_config, prompts=prompts,
+                               steps=calib.steps, guidance_scale=calib.guidance_scale, seed=calib.seed,
+                               batch_size=calib.samples, transformer=loaded.model)
 
 
 def build_manifest(result: CompileResult, fusion: dict | None, files: list[str]) -> dict:
@@ -115,6 +156,8 @@ def build_manifest(result: CompileResult, fusion: dict | None, files: list[str])
         "seed": config.calibration.seed,
         "timestep_groups": [g.to_manifest() for g in result.context.timestep_groups],
         "calibration_timesteps": list(stats.timesteps) if stats else [],
+        **({"calibration_recording": result.context.recording_source}
+           if result.context.recording_source is not None else {}),
         "scheduler": _jsonable(result.checkpoint.scheduler_config),
         **result.context.signature.to_manifest(),
         "timestep_domain": result.context.timestep_domain.to_manifest(),
@@ -153,8 +196,7 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
     result = run_pipeline(checkpoint, config, instruments, keep_float_model=False)
     release_freed_memory()  # the float weights Q/DQ insertion replaced
     with phase("exporting to ONNX"):
-        model = export_onnx(result.graph_module, result.context.signature,
-                            result.context.family.example_inputs(result.context.model_config, batch=2))
+        model = export_onnx(result.graph_module, result.context.signature, result.context.export_inputs())
     target = result.context.config.target
     lowered_layers = result.layers  # lowering passes update what a kernel reads (e.g. FP8's folded weight)
     lowering_context = lowering_context_of(result)
@@ -354,4 +396,16 @@ def numerics_manifest(report) -> dict:
 
 
 def _jsonable(config) -> dict:
-    return json.loads(json.dumps(dict(config), default=lambda value: list(value) if isinstance(value, tuple) else str(value)))
+    """A config as strict JSON: tuples as lists, other objects and non-finite floats (DPM-Solver's
+    ``lambda_min_clipped = -inf``) as strings (``sampling.make_scheduler`` reads them back)."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.loads(json.dumps(finite(dict(config)),
+                                 default=lambda value: list(value) if isinstance(value, tuple) else str(value)))

@@ -12,10 +12,15 @@ from .errors import ConfigError
 from .families.base import DenoiseFn, ModelFamily
 
 
+NON_FINITE_FLOATS = ("inf", "-inf", "nan")
+
+
 def make_scheduler(config: dict):
     import diffusers
     from diffusers import SchedulerMixin
 
+    # a manifest writes a scheduler's infinite floats (DPM-Solver's lambda_min_clipped = -inf) as strings
+    config = {key: float(value) if value in NON_FINITE_FLOATS else value for key, value in config.items()}
     name = config.get("_class_name", "DDPMScheduler")
     cls = getattr(diffusers, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):

@@ -4,7 +4,10 @@ Observers are inserted after every tensor that an annotated layer reads, each ob
 graph's ``timestep`` input, so statistics are filed under the timestep of every row. The trajectories
 are the model family's sampling loop on the checkpoint's own scheduler with ``calibration.steps`` sampling
 steps, ``calibration.samples`` (noise, condition) pairs and classifier-free guidance as the family samples
-(DiT: conditional and null-class halves in one batch). The observers are removed afterwards: the graph leaves this pass as it came in.
+(DiT: conditional and null-class halves in one batch), or, for a family calibrated through the user's diffusers
+pipeline (PixArt), the transformer calls recorded from that pipeline (``ctx.recorded_calls``, see
+``recording.py``), replayed through the graph. The observers are removed afterwards: the graph leaves this pass
+as it came in.
 """
 
 from __future__ import annotations
@@ -55,6 +58,13 @@ def observed_tensors(gm) -> dict[str, torch.fx.Node]:
     return {**input_producers(gm), **{key: node for key, (node, _) in attention_tensors(gm).items()}}
 
 
+def replay(denoise, calls):
+    """Call ``denoise`` on each recorded ``(timestep, inputs)`` in order, yielding like a sampling loop."""
+    for t, inputs in calls:
+        denoise(*inputs)
+        yield t, inputs, None
+
+
 class CollectActivationStats(GraphPass):
     name = "calibrate"
     preserves_semantics = True
@@ -84,7 +94,8 @@ class CollectActivationStats(GraphPass):
 
         calib = ctx.config.calibration
         family = ctx.family
-        conditions = family.calibration_conditions(ctx.model_config, calib.samples, calib.seed)
+        conditions = (None if ctx.recorded_calls is not None
+                      else family.calibration_conditions(ctx.model_config, calib.samples, calib.seed))
         recorded = ctx.calibration_inputs
         timestep_at = signature.index("timestep")
 
@@ -96,10 +107,15 @@ class CollectActivationStats(GraphPass):
             return gm(*inputs)
 
         try:
-            loop = family.iterate_sampling(denoise, ctx.scheduler_config, ctx.model_config, conditions,
-                                           steps=calib.steps, guidance_scale=calib.guidance_scale, seed=calib.seed)
+            if ctx.recorded_calls is not None:  # the user's pipeline ran already: replay its transformer calls
+                loop, total = replay(denoise, ctx.recorded_calls), len(ctx.recorded_calls)
+            else:
+                loop = family.iterate_sampling(denoise, ctx.scheduler_config, ctx.model_config, conditions,
+                                               steps=calib.steps, guidance_scale=calib.guidance_scale,
+                                               seed=calib.seed)
+                total = calib.steps
             with torch.no_grad():
-                for t, _, _ in track(loop, total=calib.steps, description="calibrating"):
+                for t, _, _ in track(loop, total=total, description="calibrating"):
                     stats.timesteps.append(t)
         finally:
             for source, observer, target in observers:
@@ -109,7 +125,11 @@ class CollectActivationStats(GraphPass):
             gm.recompile()
 
         ctx.stats = stats
-        summary = (f"recorded per-channel ranges of {len(readers)} tensors at {len(stats.timesteps)} timesteps "
-                   f"({calib.samples} samples x {calib.steps} steps, guidance {calib.guidance_scale})")
+        if ctx.recorded_calls is not None:
+            source = f"{len(ctx.recorded_calls)} recorded transformer calls of the diffusers pipeline"
+        else:
+            source = f"{calib.samples} samples x {calib.steps} steps, guidance {calib.guidance_scale}"
+        summary = (f"recorded per-channel ranges of {len(readers)} tensors at {len(set(stats.timesteps))} timesteps "
+                   f"({source})")
         details = [f"{key}: read by {', '.join(layers)}" for key, layers in readers.items()]
         return PassResult(gm, modified=False, summary=summary, details=details)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIG, make_tiny_dit
+from pixart_fixtures import make_tiny_pixart  # noqa: F401  (other test modules import it from here too)
 from ditq_compiler.errors import TimestepError
 from ditq_compiler.families import DIT, FAMILIES, ROLES, Signature, family_for
 
@@ -118,19 +119,6 @@ def test_manifest_records_the_signature_and_timestep_domain(compiled_tiny):
     assert [inputs[name]["role"] for name in inputs] == ["latent", "timestep", "class"]
     assert artifact.manifest["timestep_domain"] == {"kind": "discrete", "dtype": "int64", "low": 0, "high": 999}
     assert artifact.signature == DIT.signature(artifact.model_config)
-
-
-def make_tiny_pixart(seed: int = 0, **overrides):
-    """A tiny random PixArt-α transformer built in code (as diffusers' own pipeline tests build theirs)."""
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(seed)
-    config = dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-                  caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
-                  activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-                  norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False)
-    config.update(overrides)
-    return PixArtTransformer2DModel(**config).eval()
 
 
 def test_pixart_traces_and_exports_to_an_onnx_model_onnx_runtime_runs():

@@ -259,8 +259,8 @@ def test_other_model_class(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     with pytest.raises(CheckpointError, match="describes UNet2DModel, not a model ditq takes"):
         load_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
-    with pytest.raises(CheckpointError, match="PixArtTransformer2DModel is not supported yet"):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    with pytest.raises(CheckpointError, match="SD3Transformer2DModel is not supported yet"):
         load_checkpoint(tmp_path)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .base import ROLES, InputSpec, ModelFamily, Signature, TimestepDomain
 from .dit import DIT, DiTFamily
+from .pixart import PIXART, PixArtFamily
 
-FAMILIES: dict[str, ModelFamily] = {name: family for family in (DIT,) for name in family.model_classes}
+FAMILIES: dict[str, ModelFamily] = {name: family for family in (DIT, PIXART) for name in family.model_classes}
 
 
 def family_for(model_class: str) -> ModelFamily:
@@ -16,5 +17,5 @@ def family_for(model_class: str) -> ModelFamily:
         raise KeyError(f"no model family takes {model_class}; supported: {', '.join(FAMILIES)}") from None
 
 
-__all__ = ["DIT", "FAMILIES", "ROLES", "DiTFamily", "InputSpec", "ModelFamily", "Signature", "TimestepDomain",
-           "family_for"]
+__all__ = ["DIT", "FAMILIES", "PIXART", "ROLES", "DiTFamily", "InputSpec", "ModelFamily", "PixArtFamily", "Signature",
+           "TimestepDomain", "family_for"]

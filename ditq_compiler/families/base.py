@@ -200,11 +200,24 @@ class ModelFamily:
     def example_inputs(self, model_config: dict, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
+    def fixed_dims(self, model_config: dict) -> dict[str, int]:
+        """The sizes the model config fixes for the signature's named dims (``channels``: ``in_channels``, ...);
+        a named dim not listed is left open (the same value in every call)."""
+        return {}
+
     def export_cleanups(self) -> tuple[Callable, ...]:
         """fx rewrites (``fn(gm) -> int`` changed nodes) run on the traced graph before any pass."""
         return ()
 
     # -- timesteps, conditioning, sampling ------------------------------------------------------------------------
+    # A text-to-image family calibrates through the user's diffusers pipeline (``recording.py``): its calls are
+    # recorded and replayed, and ``pipeline_call_kwargs`` are what the pipeline is called with besides the
+    # prompts, steps, guidance and generator.
+    calibrates_through_pipeline: bool = False
+
+    def pipeline_call_kwargs(self, model_config: dict) -> dict:
+        return {"output_type": "latent"}
+
     def timestep_domain(self, scheduler_config: dict) -> TimestepDomain:
         raise NotImplementedError
 

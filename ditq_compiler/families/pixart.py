@@ -10,9 +10,12 @@ Export clean-up: PixArt's forward ends with ``output.squeeze(1)`` on a tensor wh
 a no-op in torch that ``torch.onnx`` writes as a ``Squeeze`` ONNX Runtime rejects (the dim is not 1). Such
 squeezes are dropped from the fx graph before any pass (:func:`drop_noop_squeezes`).
 
-What this adapter does not do yet: calibration trajectories and sampling (they run through the user's diffusers
-pipeline: text encoding, classifier-free guidance with the empty prompt), so the loader does not take PixArt
-checkpoints; see the README's families table.
+Calibration runs through the user's diffusers pipeline (``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline``: T5
+text encoding, classifier-free guidance against the empty prompt, the unconditional half first): its transformer
+calls are recorded and replayed (``recording.py``). The pipeline is called with ``output_type="latent"`` (no VAE
+is loaded), ``clean_caption=False`` (its caption cleaning needs bs4/ftfy and changes prompts) and
+``use_resolution_binning=False`` (binning exists only for sample sizes 32/64/128 and would resize the latents).
+Sampling for deployment is the pipeline's own, with ``OrtTransformer`` as its transformer (``ort_transformer.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import re
 import torch
 from torch import fx
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .base import InputSpec, ModelFamily, Signature, TimestepDomain
 
 
@@ -109,6 +112,24 @@ class PixArtFamily(ModelFamily):
     def timestep_domain(self, scheduler_config: dict) -> TimestepDomain:
         last = int(scheduler_config.get("num_train_timesteps", 1000)) - 1
         return TimestepDomain("discrete", "int64", 0, last)
+
+    # -- calibration and sampling: through the user's diffusers pipeline -----------------------------------------
+    calibrates_through_pipeline = True
+
+    def fixed_dims(self, model_config: dict) -> dict[str, int]:
+        size = int(model_config["sample_size"])
+        return {"channels": int(model_config["in_channels"]), "height": size, "width": size,
+                "caption_channels": int(model_config["caption_channels"])}
+
+    def pipeline_call_kwargs(self, model_config: dict) -> dict:
+        return {"output_type": "latent", "clean_caption": False, "use_resolution_binning": False}
+
+    def _through_pipeline(self, *args, **kwargs):
+        raise ConfigError("PixArt samples through its diffusers pipeline (text encoder, guidance with the empty "
+                          "prompt): use `ditq run ARTIFACT --prompt ... --pipeline DIR`, or "
+                          "`pipe.transformer = OrtTransformer.from_artifact(DIR)` in your own pipeline")
+
+    calibration_conditions = spread_conditions = iterate_sampling = _through_pipeline
 
 
 PIXART = PixArtFamily()
