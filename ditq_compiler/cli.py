@@ -22,15 +22,20 @@ DESCRIPTION = """\
 ditq compiles a Diffusion Transformer checkpoint into a quantized ONNX artifact that ONNX Runtime runs
 on fused int8 kernels.
 
-CHECKPOINT is a diffusers DiTTransformer2DModel directory (config.json + safetensors), a diffusers
-pipeline directory (transformer/ and optionally scheduler/), or an original facebookresearch DiT .pt
-state dict. Nothing in a checkpoint is executed: weights are read with safetensors or
+CHECKPOINT is a diffusers model directory (config.json + safetensors) of DiTTransformer2DModel or
+PixArtTransformer2DModel, a diffusers pipeline directory (transformer/, scheduler/; a PixArt pipeline's
+text encoder and tokenizer calibrate it), or an original facebookresearch DiT .pt state dict or training
+checkpoint. Nothing in a checkpoint is executed: weights are read with safetensors or
 torch.load(weights_only=True).
 
 examples:
   ditq compile models/dit-digits -o out/dit-digits-w8a8 --format w8a8 --recipe minmax
   ditq inspect models/dit-digits --dump-dir out/dumps
   ditq run out/dit-digits-w8a8 --steps 50 --class-labels 1 3 --seed 0 -o out/samples.npz
+  ditq compile PIXART_PIPELINE_DIR -o out/pixart-w8a8 --format w8a8 --recipe smoothquant
+  ditq record PIXART_PIPELINE_DIR -o calls.safetensors   (then: ditq compile PIXART_DIR/transformer
+      --calibration-inputs calls.safetensors ...)
+  ditq run out/pixart-w8a8 --prompt "a red fox in the snow" --pipeline PIXART_PIPELINE_DIR -o out/fox.npz
 """
 
 
@@ -39,7 +44,7 @@ def _formats_help() -> str:
 
 
 def _add_compile_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="diffusers DiT directory or original DiT .pt")
+    parser.add_argument("checkpoint", type=Path, help="diffusers model or pipeline directory, or original DiT .pt")
     parser.add_argument("--num-heads", type=int, default=None, metavar="N",
                         help="attention heads of an original DiT .pt, whose tensors do not say it: needed when "
                              "its width is none of the published sizes (DiT-S/B/L/XL: 384/768/1024/1152) and it "
@@ -116,7 +121,17 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-steps", type=int, default=25, help="sampling steps of each calibration "
                         "trajectory (default 25, as PTQ4DiT)")
     parser.add_argument("--calib-samples", type=int, default=8, help="(noise, class) pairs calibrated on "
-                        "(default 8); each runs with its classifier-free-guidance twin")
+                        "(default 8); each runs with its classifier-free-guidance twin. Text-to-image models: the "
+                        "prompts per pipeline call")
+    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                        help="text-to-image models (PixArt): the calibration prompts, one per line (default: ditq's "
+                             f"{len(_calibration_prompts())} varied prompts); the pipeline runs each against the "
+                             "empty prompt, as classifier-free guidance does")
+    parser.add_argument("--calibration-inputs", type=Path, default=None, metavar="FILE",
+                        help="text-to-image models: calibrate on transformer inputs recorded by `ditq record` "
+                             "instead of running the pipeline's text encoder (needed for a transformer-only "
+                             "directory); checked against the model's widths, and random text embeddings are "
+                             "refused")
     parser.add_argument("--guidance-scale", type=float, default=4.0, help="guidance of the calibration "
                         "trajectories (default 4.0, as diffusers' DiTPipeline)")
     parser.add_argument("--groups", type=int, default=1, help="timestep groups, each with its own activation "
@@ -136,7 +151,8 @@ def _config_from(args) -> CompileConfig:
         format=args.format, recipe=args.recipe,
         layer_rules=tuple(LayerRule.parse(text) for text in args.layer),
         calibration=CalibrationConfig(steps=args.calib_steps, samples=args.calib_samples,
-                                      guidance_scale=args.guidance_scale, seed=args.seed),
+                                      guidance_scale=args.guidance_scale, seed=args.seed,
+                                      prompts=_path_or_none(args.prompts), inputs=_path_or_none(args.calibration_inputs)),
         groups=args.groups, grouping=args.grouping,
         alpha=args.alpha, unfoldable=args.unfoldable, smooth_scales=args.smooth_scales,
         weight_range=args.weight_range, weight_clip=args.weight_clip,
@@ -148,6 +164,16 @@ def _config_from(args) -> CompileConfig:
         reconstruct_weights=args.reconstruct_weights,
         num_heads=args.num_heads,
     ).validate()
+
+
+def _path_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _calibration_prompts() -> tuple[str, ...]:
+    from .prompts import CALIBRATION_PROMPTS
+
+    return CALIBRATION_PROMPTS
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -188,12 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_parser = commands.add_parser(
         "run", help="sample from an artifact with ONNX Runtime",
-        description="Runs the sampling loop of the artifact's scheduler (classifier-free guidance as DiT) and "
-                    "saves the samples as .npz (arrays 'samples' [N, C, H, W] and 'class_labels'), plus a PNG "
-                    "grid beside it when the model has 1 or 3 channels.")
+        description="Class-conditional models (DiT): runs the sampling loop of the artifact's scheduler "
+                    "(classifier-free guidance as DiT) and saves the samples as .npz (arrays 'samples' [N, C, H, W] "
+                    "and 'class_labels'), plus a PNG grid beside it when the model has 1 or 3 channels. "
+                    "Text-to-image models (PixArt): the diffusers pipeline (--pipeline) generates with the artifact "
+                    "as pipe.transformer; the images are saved as .npz ('images' [N, H, W, 3] in [0, 1] and "
+                    "'prompts') and one PNG per prompt beside it.")
     run_parser.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
     run_parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    run_parser.add_argument("--class-labels", type=int, nargs="+", default=[0], help="one sample per label")
+    run_parser.add_argument("--class-labels", type=int, nargs="+", default=None, help="class-conditional models "
+                            "(DiT): one sample per label (default 0)")
+    run_parser.add_argument("--prompt", nargs="+", default=None, metavar="PROMPT", help="text-to-image models "
+                            "(PixArt): one image per prompt, generated by the diffusers pipeline with the artifact as "
+                            "its transformer")
+    run_parser.add_argument("--pipeline", type=Path, default=None, metavar="PIPELINE_DIR",
+                            help="text-to-image models: the diffusers pipeline that encodes the prompts, schedules "
+                                 "and decodes (default: the pipeline directory the artifact was compiled from)")
     run_parser.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance "
                             "(default 4.0; <= 1 disables it)")
     run_parser.add_argument("--seed", type=int, default=0)
@@ -204,6 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--trt-cache", type=Path, metavar="DIR", help="where the TensorRT provider keeps its "
                             "engines (default: ARTIFACT_DIR.trt-cache beside the artifact)")
     run_parser.add_argument("-o", "--output", type=Path, required=True, metavar="SAMPLES.npz")
+
+    record_parser = commands.add_parser(
+        "record", help="record a text-to-image pipeline's transformer inputs for --calibration-inputs",
+        description="Runs the diffusers pipeline at PIPELINE_DIR (text encoder, tokenizer, scheduler, transformer; "
+                    "no VAE) on the calibration prompts against the empty prompt, and writes every transformer "
+                    "call's inputs to a safetensors file (text embeddings stored once per prompt), written "
+                    "atomically. `ditq compile TRANSFORMER_DIR --calibration-inputs FILE` calibrates on it without "
+                    "the text encoder.")
+    record_parser.add_argument("pipeline", type=Path, metavar="PIPELINE_DIR")
+    record_parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                               help="one prompt per line (default: ditq's calibration prompts)")
+    record_parser.add_argument("--calib-steps", type=int, default=25, help="sampling steps per prompt (default 25)")
+    record_parser.add_argument("--calib-samples", type=int, default=8, help="prompts per pipeline call (default 8)")
+    record_parser.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance "
+                               "(default 4.0)")
+    record_parser.add_argument("--seed", type=int, default=0, help="seed of the pipeline's noise")
+    record_parser.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.safetensors")
 
     verify_parser = commands.add_parser(
         "verify", help="check an artifact's files against the sha256 in its manifest",
@@ -228,14 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _ACTIVITY_NAMES = {"compile": "compiling", "inspect": "inspecting", "run": "sampling", "verify": "verifying",
-                   "lower": "lowering"}
+                   "lower": "lowering", "record": "recording"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .progress import heartbeat
 
-    commands = {"compile": _compile, "inspect": _inspect, "run": _run, "verify": _verify, "lower": _lower}
+    commands = {"compile": _compile, "inspect": _inspect, "run": _run, "verify": _verify, "lower": _lower,
+                "record": _record}
     try:
         with heartbeat(_ACTIVITY_NAMES[args.command]):
             return commands[args.command](args)
@@ -296,9 +350,19 @@ def _run(args) -> int:
     with phase("verifying the artifact"):
         artifact = Artifact.load(args.artifact)
     artifact.tensorrt_cache = args.trt_cache
+    text_family = artifact.family.calibrates_through_pipeline
+    if text_family and args.class_labels is not None or not text_family and args.prompt is not None:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{artifact.model_config.get('_class_name', 'this model')} takes "
+                          f"{'--prompt' if text_family else '--class-labels'}, not "
+                          f"{'--class-labels' if text_family else '--prompt'}")
     choice = artifact.provider_choice(args.provider)
     if choice.note:
         print(f"ditq run: {choice.note}", file=sys.stderr)
+    if text_family:
+        return _run_pipeline(args, artifact, choice)
+    args.class_labels = args.class_labels if args.class_labels is not None else [0]
     samples = artifact.sample(args.class_labels, steps=args.steps, guidance_scale=args.guidance_scale,
                               seed=args.seed, provider=args.provider, progress=True)
     output = args.output if args.output.suffix == ".npz" else args.output.with_suffix(".npz")
@@ -313,6 +377,51 @@ def _run(args) -> int:
     except OSError as exc:
         raise write_error(exc, "the samples") from None
     print(message)
+    return 0
+
+
+def _run_pipeline(args, artifact, choice) -> int:
+    """``ditq run`` for a text-to-image artifact: the user's diffusers pipeline with the artifact as its transformer."""
+    from .deploy import generate_with_pipeline
+    from .staging import write_error
+
+    if not args.prompt:
+        from .errors import ConfigError
+
+        raise ConfigError("give --prompt: a text-to-image model generates one image per prompt")
+    images = generate_with_pipeline(artifact, args.pipeline, args.prompt, steps=args.steps,
+                                    guidance_scale=args.guidance_scale, seed=args.seed, provider=args.provider)
+    output = args.output if args.output.suffix == ".npz" else args.output.with_suffix(".npz")
+    try:
+        written = save_images(images, args.prompt, output)
+    except OSError as exc:
+        raise write_error(exc, "the images") from None
+    print(f"wrote {output} ({len(args.prompt)} images, provider {choice.provider}) and {', '.join(map(str, written))}")
+    return 0
+
+
+def save_images(images, prompts: list[str], output: Path) -> list[Path]:
+    """``images`` [N, H, W, 3] in [0, 1] to ``output`` (.npz with the prompts) and one PNG per prompt beside it."""
+    import numpy as np
+    from PIL import Image
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(output, images=images, prompts=np.asarray(prompts))
+    written = []
+    for index, image in enumerate(images):
+        png = output.with_name(f"{output.stem}_{index}.png")
+        Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(png)
+        written.append(png)
+    return written
+
+
+def _record(args) -> int:
+    from .deploy import record_to_file
+
+    path, count = record_to_file(args.pipeline, args.output, prompts_file=args.prompts, steps=args.calib_steps,
+                                 samples=args.calib_samples, guidance_scale=args.guidance_scale, seed=args.seed)
+    size = path.stat().st_size / 1e6
+    print(f"wrote {path} ({count} transformer calls, {size:.2f} MB)")
     return 0
 
 

@@ -64,9 +64,20 @@ class RecipeSpec:
 
     name: str
     description: str
+    # Named after DiT's block; a model family adds its own roles to these (``roles_for``).
     smoothed_roles: tuple[str, ...] = ()
     default_alpha: float | None = None
     default_scales: str = "shared"
+
+    def roles_for(self, family) -> tuple[str, ...]:
+        """The roles this recipe smooths on ``family``: each of ``smoothed_roles`` followed by the family's
+        companions of it (``family.smoothing_companions``: PixArt smooths its cross-attention inputs where a
+        recipe smooths qkv). A family that declares none (DiT) gets ``smoothed_roles`` as they are."""
+        companions = getattr(family, "smoothing_companions", {})
+        roles: list[str] = []
+        for role in self.smoothed_roles:
+            roles += [r for r in (role, *companions.get(role, ())) if r not in roles]
+        return tuple(roles)
 
 
 RECIPES: dict[str, RecipeSpec] = {r.name: r for r in (

@@ -30,6 +30,7 @@ import gc
 import hashlib
 import inspect
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +137,21 @@ class _Recorder:
         return Recording(self.signature, rows, self.calls, source)
 
 
+@contextmanager
+def quiet_loading():
+    """diffusers' and transformers' loading progress bars off (ditq shows its own phases)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
 def pipeline_has_text_encoder(pipeline_dir: Path) -> bool:
     """Whether a diffusers pipeline directory lists a text encoder and holds it."""
     index = pipeline_dir / "model_index.json"
@@ -163,8 +179,8 @@ def record_pipeline(pipeline_dir: str | Path, family: ModelFamily, model_config:
         raise CheckpointError(missing_encoder_message(pipeline_dir))
     extra = {"transformer": transformer} if transformer is not None else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), vae=None, use_safetensors=True,
-                                                 torch_dtype=torch.float32, **extra)
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), vae=None, use_safetensors=True, **extra)
     except Exception as exc:  # diffusers raises many types for a broken directory
         raise CheckpointError(f"cannot load the diffusers pipeline at {pipeline_dir}: {exc}".splitlines()[0]) \
             from None

@@ -69,6 +69,15 @@ class PixArtFamily(ModelFamily):
     optional_quantized_roles = ("embedder", "final")
     required_config_ints = ("in_channels", "sample_size", "caption_channels")
     block_pattern = re.compile(r"^(transformer_blocks\.\d+)(?:\.|$)")
+    # Smoothing (passes/recipes.py, passes/smoothing.py). The recipes name DiT's roles; where one smooths qkv it
+    # also smooths the cross-attention K/V input (the projected caption, folded into caption_projection.linear_2)
+    # and Q input (the residual stream: no exact fold, declined with that reason).
+    smoothing_companions = {"qkv": ("cross_kv", "cross_q")}
+    # adaLN-single: every block's shift/scale chunks are rows of the one adaln_single.linear (plus the block's own
+    # scale_shift_table), so the qkv inputs of all blocks must share one smoothing scale, and so must fc1's.
+    smoothing_shared_by_blocks = ("qkv", "fc1")
+    # The projected caption is the same at every timestep: one smoothing from every timestep group's statistics.
+    smoothing_timestep_invariant = ("cross_kv",)
     default_scheduler_config = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000,
                                 "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                                 "prediction_type": "epsilon"}
