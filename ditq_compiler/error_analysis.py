@@ -11,6 +11,7 @@ quantized replica here. A module called several times is hooked per call (``<mod
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,9 +85,11 @@ def quantized_layers(gm) -> dict[str, LayerQuantization]:
 
 def measure_layer_errors(model: torch.nn.Module, family, groups, layers_by_group: list[dict[str, LayerQuantization]],
                          scheduler_config: dict, model_config: dict, *, steps: int, samples: int = 2,
-                         guidance_scale: float = 4.0, seed: int = 0) -> dict[str, dict[int, float]]:
+                         guidance_scale: float = 4.0, seed: int = 0,
+                         recorded_calls=None) -> dict[str, dict[int, float]]:
     """``layers_by_group[g]``: the quantized layers of timestep group ``groups[g]``'s branch; the trajectories
-    are ``family``'s sampling loop on ``samples`` conditions spread from ``seed``."""
+    are ``family``'s sampling loop on ``samples`` conditions spread from ``seed``, or, for a family calibrated
+    through its diffusers pipeline, the first ``steps`` recorded calls (the pipeline's first batch of prompts)."""
     errors: dict[str, dict[int, float]] = {name: {} for name in layers_by_group[0]}
     current = {"calls": {}}
     handles = []
@@ -116,12 +119,16 @@ def measure_layer_errors(model: torch.nn.Module, family, groups, layers_by_group
         current["layers"] = layers_by_group[group]
         return model(**signature.kwargs(inputs), return_dict=False)[0]
 
-    conditions = family.spread_conditions(model_config, samples, offset=seed)
     try:
         with torch.no_grad():
-            for _ in family.iterate_sampling(denoise, scheduler_config, model_config, conditions, steps=steps,
-                                             guidance_scale=guidance_scale, seed=seed):
-                pass
+            if recorded_calls is not None:  # a family calibrated through its pipeline: the pipeline's own calls
+                for _, inputs in itertools.islice(recorded_calls, steps):
+                    denoise(*inputs)
+            else:
+                conditions = family.spread_conditions(model_config, samples, offset=seed)
+                for _ in family.iterate_sampling(denoise, scheduler_config, model_config, conditions, steps=steps,
+                                                 guidance_scale=guidance_scale, seed=seed):
+                    pass
     finally:
         for handle in handles:
             handle.remove()
@@ -136,7 +143,7 @@ def layer_error_report(result, dump_dir: Path, top: int = 10) -> str:
     errors = measure_layer_errors(result.checkpoint.model, ctx.family, ctx.timestep_groups, layers_by_group,
                                   ctx.scheduler_config, ctx.model_config, steps=ctx.config.calibration.steps,
                                   guidance_scale=ctx.config.calibration.guidance_scale,
-                                  seed=ctx.config.calibration.seed)
+                                  seed=ctx.config.calibration.seed, recorded_calls=ctx.recorded_calls)
     timesteps = sorted({t for per_t in errors.values() for t in per_t})
     ranked = sorted(errors, key=lambda name: -sum(errors[name].values()) / max(len(errors[name]), 1))
     groups = ctx.timestep_groups
