@@ -1,8 +1,10 @@
 import argparse
 import collections
+import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -317,3 +319,21 @@ def test_unknown_scheduler_class(tiny_pipeline_dir, tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="unknown scheduler class"):
         load_checkpoint(tmp_path / "p")
+
+
+def test_a_training_checkpoint_compiles_to_the_artifact_of_its_ema_weights_in_diffusers_form(tmp_path, fast_config):
+    """``{"model", "ema", "opt", "args"}`` (heads from --num-heads: its width is unpublished) compiles, and the
+    artifact computes what the artifact of the same EMA weights saved as a diffusers directory computes."""
+    from ditq_compiler import compile as compile_checkpoint
+    from conftest import example_inputs
+
+    model = _shared_embedder_dit(num_attention_heads=4, attention_head_dim=32)
+    checkpoint = tmp_path / "0001000.pt"
+    torch.save(_training_checkpoint(model, image_size=64, num_classes=10), checkpoint)
+    model.save_pretrained(str(tmp_path / "diffusers"))
+    from_training = compile_checkpoint(checkpoint, tmp_path / "a", dataclasses.replace(fast_config, num_heads=4))
+    from_diffusers = compile_checkpoint(tmp_path / "diffusers", tmp_path / "b", fast_config)
+    x, t, y = example_inputs(dict(model.config), batch=3, seed=5)
+    got = from_training.denoise(x.numpy(), t.numpy(), y.numpy(), provider="cpu")
+    expected = from_diffusers.denoise(x.numpy(), t.numpy(), y.numpy(), provider="cpu")
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
