@@ -73,7 +73,7 @@ class RecipeSpec:
         """The roles this recipe smooths on ``family``: each of ``smoothed_roles`` followed by the family's
         companions of it (``family.smoothing_companions``: PixArt smooths its cross-attention inputs where a
         recipe smooths qkv). A family that declares none (DiT) gets ``smoothed_roles`` as they are."""
-        companions = getattr(family, "smoothing_companions", {})
+        companions = family.smoothing_companions
         roles: list[str] = []
         for role in self.smoothed_roles:
             roles += [r for r in (role, *companions.get(role, ())) if r not in roles]

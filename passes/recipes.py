@@ -24,6 +24,18 @@ short composition (:func:`recipe_passes`). Notation: ``X_t`` the tensor at calib
 
 ``--smooth-scales shared`` computes one scale from all groups' statistics (every group then keeps the same
 folded weights); ``per-group`` computes each group's from its own timesteps.
+
+The model family says what else the scales must satisfy (``ctx.family``; DiT says nothing):
+
+* ``smoothing_companions``: the recipes name the roles of DiT's block (``RecipeSpec.roles_for``); a family adds
+  its own roles to them (PixArt smooths the cross-attention inputs with qkv);
+* ``smoothing_shared_by_blocks``: roles whose inputs, one per block, must share one vector (PixArt's adaLN-single
+  modulation rows are read by every block). The recipe's formula then runs once on the pooled statistics
+  (per channel and timestep, the max over the blocks' ranges) and the joint weight of every reader of every
+  block (:meth:`ComputeSmoothing.smooth_joint`); HTG keeps a shift per block;
+* ``smoothing_timestep_invariant``: roles whose input is the same at every timestep (PixArt's projected
+  caption): one Smoothing for every group, from the statistics of all groups' timesteps pooled, whatever
+  ``--smooth-scales`` says.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import math
 
 import torch
 
+from ..calibration import TensorStats, TimestepStats
 from ..config import CompileConfig
 from ..grouped import get_tensor
 from ..pass_manager import GraphPass, PassResult
@@ -53,6 +66,25 @@ def smoothing_targets(gm, roles: tuple[str, ...]) -> dict[str, list]:
 def joint_weight(gm, readers) -> torch.Tensor:
     """The weights of every reader stacked by rows, ``[sum of outputs, channels]``, float64."""
     return torch.cat([get_tensor(gm, reader.args[1].target).detach().to(torch.float64) for reader in readers])
+
+
+def merged_stats(key: str, parts: list[TensorStats]) -> TensorStats:
+    """The statistics of several tensors read as one: per timestep, the per-channel min and max over ``parts``
+    (timesteps missing from a part are taken from the others)."""
+    merged = TensorStats(key, [c for part in parts for c in part.consumers])
+    for part in parts:
+        for t, entry in part.per_timestep.items():
+            known = merged.per_timestep.get(t)
+            merged.per_timestep[t] = TimestepStats(entry.channel_min.clone(), entry.channel_max.clone(), entry.rows) \
+                if known is None else TimestepStats(torch.minimum(known.channel_min, entry.channel_min),
+                                                    torch.maximum(known.channel_max, entry.channel_max),
+                                                    known.rows + entry.rows)
+    return merged
+
+
+def family_smoothing(family) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(roles shared by blocks, timestep-invariant roles)`` the family declares (none by default)."""
+    return tuple(family.smoothing_shared_by_blocks), tuple(family.smoothing_timestep_invariant)
 
 
 def _ordered(tensor_stats) -> list[int]:
@@ -87,29 +119,59 @@ class ComputeSmoothing(GraphPass):
 
     def run(self, module, ctx):
         branches = module.graph_modules()
-        targets = smoothing_targets(branches[0], self.roles)
+        roles = self.config.recipe_spec.roles_for(ctx.family)
+        by_blocks, invariant = family_smoothing(ctx.family)
+        targets = smoothing_targets(branches[0], roles)
+        role_of = {key: readers[0].meta[SPEC_KEY].role for key, readers in targets.items()}
         plan = SmoothingPlan(self.recipe, [{} for _ in branches])
         details = []
+        computed: dict[str, list[Smoothing]] = {}
         for key, readers in targets.items():
-            weights = [joint_weight(gm, [gm_node(gm, r) for r in readers]) for gm in branches]
-            if any(not torch.equal(w, weights[0]) for w in weights[1:]):
-                raise RuntimeError(f"{key}: smoothing expects the same weights in every group")
-            stats = [branch.stats.get(key) for branch in ctx.branches]
-            results = self.smooth(stats, weights[0], self.shared)
+            role = role_of[key]
+            members = [k for k in targets if role_of[k] == role] if role in by_blocks else [key]
+            if key not in computed:
+                weights = [joint_weight(gm, [gm_node(gm, r) for m in members for r in targets[m]]) for gm in branches]
+                if any(not torch.equal(w, weights[0]) for w in weights[1:]):
+                    raise RuntimeError(f"{key}: smoothing expects the same weights in every group")
+                if len(members) == 1 and role not in invariant:
+                    stats = [branch.stats.get(key) for branch in ctx.branches]
+                    computed[key] = self.smooth(stats, weights[0], self.shared)
+                else:
+                    computed.update(self._smooth_members(members, weights[0], ctx, pool_groups=role in invariant))
+            results = computed[key]
             for index, smoothing in enumerate(results):
                 plan.per_branch[index][key] = smoothing
             scale = results[0].scale
             details.append(f"{key}: s in [{float(scale.min()):.3g}, {float(scale.max()):.3g}]"
                            + (", with shift" if results[0].shift is not None else "")
-                           + ("" if len({id(r) for r in results}) == 1 else " (per group)"))
+                           + ("" if len({id(r) for r in results}) == 1 else " (per group)")
+                           + (f" (one scale for the {len(members)} blocks' {role} inputs)" if len(members) > 1 else "")
+                           + (" (pooled over every timestep group: the same at every timestep)"
+                              if role in invariant else ""))
         ctx.smoothing_plan = plan
         mode = "shared by every group" if self.shared else "per timestep group"
-        summary = (f"{self.recipe}: smoothing vectors for {len(targets)} tensors ({', '.join(self.roles)} inputs), "
+        summary = (f"{self.recipe}: smoothing vectors for {len(targets)} tensors ({', '.join(roles)} inputs), "
                    f"scales {mode}")
         return PassResult(module, False, summary, details)
 
+    def _smooth_members(self, members, weight, ctx, pool_groups: bool) -> dict[str, list[Smoothing]]:
+        per_branch = {key: [branch.stats.get(key) for branch in ctx.branches] for key in members}
+        if not pool_groups:
+            return self.smooth_joint(per_branch, weight, self.shared)
+        pooled = {key: [merged_stats(key, parts)] for key, parts in per_branch.items()}  # disjoint timesteps
+        return {key: results * len(ctx.branches) for key, results in self.smooth_joint(pooled, weight, True).items()}
+
     def smooth(self, stats, weight, shared) -> list[Smoothing]:
         raise NotImplementedError
+
+    def smooth_joint(self, members: dict[str, list], weight, shared) -> dict[str, list[Smoothing]]:
+        """One scale for several tensors (``members``: key -> its statistics per branch; ``weight``: every
+        reader's of every member). By default :meth:`smooth` on the pooled statistics, and the very same
+        Smoothing objects for every member (the folds then see one vector)."""
+        count = len(next(iter(members.values())))
+        merged = [merged_stats("+".join(members), [parts[i] for parts in members.values()]) for i in range(count)]
+        results = self.smooth(merged, weight, shared)
+        return {key: results for key in members}
 
     # helpers ------------------------------------------------------------------------------------
     @staticmethod
@@ -175,13 +237,42 @@ class HTGScales(ComputeSmoothing):
     recipe = "htg"
     DECAY = 0.99
 
+    @staticmethod
+    def group_shift(part) -> torch.Tensor:
+        """z_g: mean over the group's timesteps of (max_t + min_t) / 2."""
+        centres = [(e.channel_max.to(torch.float64) + e.channel_min.to(torch.float64)) / 2
+                   for e in part.per_timestep.values()]
+        return torch.stack(centres).mean(dim=0)
+
+    def smooth_joint(self, members, weight, shared):
+        """A shift per member (block) and group; one scale from the EMA of the per-timestep max over the members
+        of ``max|X - z|``."""
+        w = weight.abs().amax(dim=0)
+        shifts = {key: [self.group_shift(part) for part in parts] for key, parts in members.items()}
+        count = len(next(iter(members.values())))
+
+        def ema_scale(indices):
+            by_timestep: dict[int, torch.Tensor] = {}
+            for key, parts in members.items():
+                for i in indices:
+                    z = shifts[key][i]
+                    for t, entry in parts[i].per_timestep.items():
+                        value = torch.maximum((entry.channel_min.to(torch.float64) - z).abs(),
+                                              (entry.channel_max.to(torch.float64) - z).abs())
+                        known = by_timestep.get(t)
+                        by_timestep[t] = value if known is None else torch.maximum(known, value)
+            m = None
+            for t in sorted(by_timestep, reverse=True):
+                m = by_timestep[t] if m is None else self.DECAY * m + (1 - self.DECAY) * by_timestep[t]
+            return clamp_scale(torch.sqrt(m / w))
+
+        scales = [ema_scale(range(count))] * count if shared else [ema_scale([i]) for i in range(count)]
+        return {key: [Smoothing(s, z, f"shift |z| <= {float(z.abs().max()):.3g}") for s, z in zip(scales, shifts[key])]
+                for key in members}
+
     def smooth(self, stats, weight, shared):
         w = weight.abs().amax(dim=0)
-        shifts = []
-        for part in stats:  # z_g: mean over the group's timesteps of (max_t + min_t) / 2
-            centres = [(e.channel_max.to(torch.float64) + e.channel_min.to(torch.float64)) / 2
-                       for e in part.per_timestep.values()]
-            shifts.append(torch.stack(centres).mean(dim=0))
+        shifts = [self.group_shift(part) for part in stats]
 
         def ema_scale(parts_with_shift):
             entries = sorted(((t, e, z) for part, z in parts_with_shift for t, e in part.per_timestep.items()),

@@ -18,12 +18,38 @@ rules below. Every fold has two sides:
       W_scale <- W_scale / s        b_scale <- (1 + b_scale)/s - 1
       W_shift <- W_shift / s        b_shift <- (b_shift - z)/s
 
-* :class:`AttentionValueFold` — the tensor is ``softmax(QK^T) V`` with heads merged back, and
-  ``V = h W_v^T + b_v``. Scaling V's output channel ``j`` by ``1/s_j`` scales the attention output's
-  channel ``j`` (the head reshapes keep channel order), and because every softmax row sums to 1,
-  ``P (V - 1 z^T) = P V - 1 z^T``: the shift folds too::
+* :class:`AdaLNSingleFold` — adaLN-single (PixArt): the tensor is ``LN(x) * (1 + scale) + shift`` with
+  ``(.., shift, scale, ..) = (T[None] + t6.reshape(B, n, D)).chunk(n, dim=1)``, where ``t6 = W_ada c + b_ada``
+  is computed once and read by *every* block and ``T`` is the block's own ``[n, D]`` table. With one ``s``
+  for every block that reads those rows (``z`` may differ per block)::
+
+      (X - z)/s = LN(x) * (1 + T_scale + t_scale)/s + (T_shift + t_shift - z)/s
+
+  so the shared rows take ``1/s`` once per branch and each block's table takes the rest::
+
+      W_scale <- W_scale / s        b_scale <- b_scale / s        T_scale <- (1 + T_scale)/s - 1
+      W_shift <- W_shift / s        b_shift <- b_shift / s        T_shift <- (T_shift - z)/s
+
+  The rule checks every sibling site (each block's tensor modulated by the same rows) before folding any:
+  it declines when a block reads the rows unsmoothed or with another scale, since a per-block scale does
+  not fold into rows that all blocks share.
+
+* :class:`AttentionValueFold` — the tensor is ``softmax(QK^T + M) V`` with heads merged back (``M`` an
+  optional additive mask), and ``V = h W_v^T + b_v``. Scaling V's output channel ``j`` by ``1/s_j``
+  scales the attention output's channel ``j`` (the head reshapes keep channel order), and because every
+  softmax row sums to 1, ``P (V - 1 z^T) = P V - 1 z^T``: the shift folds too::
 
       W_v <- diag(1/s) W_v          b_v <- (b_v - z)/s
+
+* :class:`ProducerLinearFold` — the tensor is a linear's output ``h W_p^T + b_p``, possibly through a
+  reshape that keeps the channels last (PixArt's caption projection, read by every block's cross-attention
+  K and V)::
+
+      W_p <- diag(1/s) W_p          b_p <- (b_p - z)/s
+
+* :class:`ModulationMul` (``--unfoldable mul``) — adaLN-single with per-block scales: multiply the small
+  ``[B, 1, D]`` modulation vectors instead of the ``[B, N, D]`` activations:
+  ``(1 + scale) <- (1 + scale) * (1/s)``, ``shift <- (shift - z) * (1/s)``.
 
 * :class:`ExplicitSmoothing` (``--unfoldable mul``) — no exact fold (after GELU or SiLU, nothing linear
   precedes the tensor): insert ``(X - z) * (1/s)`` explicitly. Its cost is an elementwise op per call.
@@ -51,7 +77,8 @@ from torch import fx
 from ..errors import PassPreconditionError
 from ..grouped import TensorMemo, get_tensor, set_tensor
 from ..pass_manager import BranchPass, BranchResult
-from ..qspec import ATTENTION_KEY, SMOOTHING_KEY, SPEC_KEY, InputSmoothing
+from ..qspec import ATTENTION_KEY, PROVENANCE_KEY, SMOOTHING_KEY, SPEC_KEY, InputSmoothing
+from ..tracing import module_name
 from .calibrate import input_producers
 from .rewrite import RewriteRule, apply_first, get_attr_readers, is_call, real_users, skip_identities
 
@@ -82,6 +109,27 @@ def clamp_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class BranchSites:
+    """Every site of one branch's plan, so that a rule can look at a site's siblings (tensors whose folds
+    write the same shared rows) before it folds any of them."""
+
+    gm: fx.GraphModule
+    branch: object  # BranchState
+    plan: dict[str, Smoothing]
+    producers: dict[str, fx.Node]  # input key -> the node producing it
+    readers: dict[str, list[fx.Node]]  # input key -> the annotated linears reading it
+    memo: TensorMemo
+    # Decisions about shared rows, made once for all their sites (what -> the reason to decline, or None),
+    # and the shared rewrites already applied in this branch.
+    decisions: dict = field(default_factory=dict)
+    done: set = field(default_factory=set)
+
+    def site(self, key: str) -> "SmoothingSite":
+        return SmoothingSite(self.gm, self.branch, key, self.producers[key], self.readers[key], self.plan[key],
+                             self.memo, self)
+
+
+@dataclass
 class SmoothingSite:
     gm: fx.GraphModule
     branch: object  # BranchState
@@ -90,6 +138,7 @@ class SmoothingSite:
     readers: list[fx.Node]  # the annotated linears reading the tensor
     smoothing: Smoothing
     memo: TensorMemo
+    sites: BranchSites | None = None  # the branch's other sites (rules that look at siblings need it)
 
     @property
     def role(self) -> str:
@@ -290,6 +339,10 @@ class AttentionValueFold(RewriteRule):
         dropout = attention.args[4] if len(attention.args) > 4 else attention.kwargs.get("dropout_p", 0.0)
         if dropout:
             return "attention dropout is on"
+        mask = attention.args[3] if len(attention.args) > 3 else attention.kwargs.get("attn_mask")
+        mask_value = mask.meta.get("val") if isinstance(mask, fx.Node) else None
+        if mask_value is not None and mask_value.dtype == torch.bool:  # an additive mask keeps row sums at 1
+            return "a boolean attention mask can empty a softmax row"
         if len(match.value_linear.args) < 3 or match.value_linear.args[2] is None:
             if site.smoothing.shift is not None:
                 return "the value projection has no bias to absorb the shift"
@@ -310,6 +363,305 @@ class AttentionValueFold(RewriteRule):
         attention = match.chain[-3].meta.get(ATTENTION_KEY)
         if attention is not None and site.branch is not None:  # V itself is quantized: its statistics follow
             site.branch.stats.get(attention.v_key).transform(s, z)
+
+
+_RESHAPES = (_aten.reshape.default, _aten.view.default, _aten._unsafe_view.default)
+
+
+def _modulation_parts(x: fx.Node):
+    """``LN(h) * (1 + a) + b`` (either operand order) -> ``(product, one_plus, a, b)``, or None."""
+    if not is_call(x, _aten.add.Tensor) or len(x.args) != 2:
+        return None
+    product, shift = x.args
+    if is_call(shift, _aten.mul.Tensor):
+        product, shift = shift, product
+    if not (is_call(product, _aten.mul.Tensor) and isinstance(shift, fx.Node)):
+        return None
+    norm, one_plus = product.args
+    if is_call(one_plus, _aten.layer_norm.default):
+        norm, one_plus = one_plus, norm
+    if not (is_call(norm, _aten.layer_norm.default) and is_call(one_plus, _aten.add.Tensor)):
+        return None
+    scale, one = one_plus.args
+    if not isinstance(scale, fx.Node):
+        scale, one = one, scale
+    if one != 1 or not isinstance(scale, fx.Node):
+        return None
+    return product, one_plus, scale, shift
+
+
+@dataclass
+class AdaLNSingleMatch:
+    modulated: fx.Node
+    ada_linear: fx.Node  # the shared linear: t6 = W_ada c + b_ada
+    table: fx.Node  # get_attr of the block's [n, D] table
+    chunk: fx.Node
+    chunk_size: int
+    scale_index: int
+    shift_index: int
+    chain: list[fx.Node]  # scale item, 1 + scale, the product, shift item: each read once
+    rows_path: list[fx.Node]  # table[None], t6.reshape(B, n, D), their sum: each read once
+
+    @property
+    def rows(self) -> tuple:
+        """What identifies the shared rows: the linear and the two chunks."""
+        return self.ada_linear, self.scale_index, self.shift_index
+
+
+def match_adaln_single(x: fx.Node) -> AdaLNSingleMatch | None:
+    """``LN(h) * (1 + scale) + shift`` with ``(.., shift, scale, ..) = (T[None] + t6.reshape(B, n, D)).chunk(n, 1)``."""
+    parts = _modulation_parts(x)
+    if parts is None:
+        return None
+    product, one_plus, scale_item, shift_item = parts
+    if not (is_call(scale_item, operator.getitem) and is_call(shift_item, operator.getitem)):
+        return None
+    chunk = scale_item.args[0]
+    if shift_item.args[0] is not chunk or not is_call(chunk, _aten.chunk.default):
+        return None
+    summed = chunk.args[0]
+    if not is_call(summed, _aten.add.Tensor) or len(summed.args) != 2 or summed.meta["val"].dim() != 3:
+        return None
+    dim = chunk.args[2] if len(chunk.args) > 2 else 0
+    if dim not in (1, -2):
+        return None
+    table_read, rows = summed.args
+    if not is_call(table_read, _aten.unsqueeze.default):
+        table_read, rows = rows, table_read
+    if not (is_call(table_read, _aten.unsqueeze.default) and table_read.args[1] == 0
+            and isinstance(table_read.args[0], fx.Node) and table_read.args[0].op == "get_attr"):
+        return None
+    if not (is_call(rows, *_RESHAPES) and is_call(rows.args[0], _aten.linear.default)):
+        return None
+    ada, table = rows.args[0], table_read.args[0]
+    n, size = summed.meta["val"].shape[-2:]
+    if chunk.args[1] != n or ada.meta["val"].shape[-1] != n * size or tuple(table.meta["val"].shape) != (n, size):
+        return None
+    return AdaLNSingleMatch(x, ada, table, chunk, int(size), scale_item.args[1], shift_item.args[1],
+                            [scale_item, one_plus, product, shift_item], [table_read, rows, summed])
+
+
+def _modulated_reason(site: SmoothingSite, match) -> str | None:
+    others = [u for u in real_users(match.modulated) if u not in site.readers]
+    if others:
+        return f"the modulated tensor is also read by {others[0].name}"
+    for node in match.chain:
+        if len(real_users(node)) != 1:
+            return f"{node.name} of the modulation is read elsewhere"
+    return None
+
+
+class AdaLNSingleFold(RewriteRule):
+    name = "adaln_single_rows"
+    applied_label = "into adaLN-single rows and block tables"
+    PER_BLOCK = "a per-block scale does not fold exactly into the shared adaLN-single rows"
+
+    def match(self, site):
+        return match_adaln_single(site.producer)
+
+    def _local_reason(self, site, match) -> str | None:
+        reason = _modulated_reason(site, match)
+        if reason:
+            return reason
+        for node in match.rows_path:
+            if len(real_users(node)) != 1:
+                return f"{node.name} of the adaLN-single modulation is read elsewhere"
+        reason = _sharing_reason(site.gm, match.rows_path[0], match.table.target)
+        if reason:
+            return reason
+        if site.smoothing.scale.numel() != match.chunk_size:
+            return "the smoothing vector does not match the modulation's width"
+        return _readers_reason(site)
+
+    def siblings(self, site, match) -> tuple[list[tuple[SmoothingSite, AdaLNSingleMatch]], str | None]:
+        """Every planned site modulated by the same shared rows, or why the rows cannot take one ``1/s``."""
+        sites = site.sites
+        found = []
+        for key in sites.plan:
+            other = match_adaln_single(sites.producers[key])
+            if other is not None and other.rows == match.rows:
+                found.append((sites.site(key), other))
+        covered = {node for _, other in found for node in (other.chain[0], other.chain[3])}
+        for user in real_users(match.ada_linear):  # each block: t6.reshape(B, n, D) + T[None], chunked
+            readers = real_users(user) if is_call(user, *_RESHAPES) else []
+            summed = readers[0] if len(readers) == 1 and is_call(readers[0], _aten.add.Tensor) else None
+            chunks = real_users(summed) if summed is not None else []
+            chunk = chunks[0] if len(chunks) == 1 and is_call(chunks[0], _aten.chunk.default) else None
+            if chunk is None:
+                return [], f"the adaLN-single output is also read by {user.name}"
+            for item in real_users(chunk):
+                if item.args[1] in (match.scale_index, match.shift_index) and item not in covered:
+                    where = module_name(item) or item.name
+                    return [], f"{where} reads the same adaLN-single rows unsmoothed"
+        return found, None
+
+    def check(self, site, match):
+        """Decided once per branch for all the sites of the shared rows (checked before any is folded), so that
+        either every block's tensor folds or none does."""
+        if site.sites is None:
+            return "the branch's other sites are unknown"
+        if match.rows not in site.sites.decisions:
+            site.sites.decisions[match.rows] = self._group_reason(site, match)
+        return site.sites.decisions[match.rows]
+
+    def _group_reason(self, site, match) -> str | None:
+        reason = self._local_reason(site, match)
+        if reason:
+            return reason
+        ada = match.ada_linear
+        if len(ada.args) < 3 or ada.args[2] is None:
+            return "the adaLN-single linear has no bias"
+        for tensor_node in ada.args[1:3]:
+            reason = _sharing_reason(site.gm, ada, tensor_node.target)
+            if reason:
+                return reason
+        siblings, reason = self.siblings(site, match)
+        s = site.smoothing.scale
+        for other, _ in siblings:
+            if other.smoothing.scale is not s and not torch.equal(other.smoothing.scale, s):
+                return f"{self.PER_BLOCK} ({other.input_key} has its own)"
+        if reason:
+            return reason
+        for other, other_match in siblings:
+            reason = self._local_reason(other, other_match)
+            if reason:
+                return f"{reason} (at {other.input_key}, which shares the adaLN-single rows)"
+        return None
+
+    def rewrite(self, site, match):
+        s, z = site.smoothing.scale, site.smoothing.shift
+        size = match.chunk_size
+        scale_rows = slice(match.scale_index * size, (match.scale_index + 1) * size)
+        shift_rows = slice(match.shift_index * size, (match.shift_index + 1) * size)
+        tag = f"adaln_single:{match.scale_index}:{match.shift_index}"
+        if (tag, match.ada_linear) not in site.sites.done:  # the shared rows: once per branch
+            site.sites.done.add((tag, match.ada_linear))
+
+            def rows(t):
+                t = t.clone()
+                t[scale_rows] /= s if t.dim() == 1 else s[:, None]
+                t[shift_rows] /= s if t.dim() == 1 else s[:, None]
+                return t
+            update_tensor(site, match.ada_linear.args[1].target, tag + ":w", (s,), rows)
+            update_tensor(site, match.ada_linear.args[2].target, tag + ":b", (s,), rows)
+
+        def table(t):
+            t = t.clone()
+            t[match.scale_index] = (1 + t[match.scale_index]) / s - 1
+            t[match.shift_index] = (t[match.shift_index] - (z if z is not None else 0)) / s
+            return t
+        update_tensor(site, match.table.target, tag + ":table", (s, z), table)
+        fold_into_readers(site, self.name)
+
+
+@dataclass
+class ProducerMatch:
+    linear: fx.Node
+    chain: list[fx.Node]  # from the tensor up to the linear's output: channel-keeping reshapes and identities
+
+
+class ProducerLinearFold(RewriteRule):
+    name = "producer_rows"
+    applied_label = "into the producing linear"
+
+    def match(self, site):
+        node, chain = site.producer, []
+        while True:
+            up = skip_identities(node)
+            if up is not node:
+                chain.append(node)
+                node = up
+            elif is_call(node, *_RESHAPES) and node.meta["val"].shape[-1] == node.args[0].meta["val"].shape[-1]:
+                chain.append(node)  # keeps the channels last: element [.., j] stays channel j
+                node = node.args[0]
+            else:
+                break
+        return ProducerMatch(node, chain) if is_call(node, _aten.linear.default) else None
+
+    def check(self, site, match):
+        others = [u for u in real_users(site.producer) if u not in site.readers]
+        if others:
+            return f"the tensor is also read by {others[0].name}"
+        for node in [*match.chain[1:], match.linear] if match.chain else []:
+            if len(real_users(node)) != 1:
+                return f"{node.name} between the producing linear and its readers is read elsewhere"
+        if match.linear.meta["val"].shape[-1] != site.smoothing.scale.numel():
+            return "the smoothing vector does not match the producing linear's width"
+        has_bias = len(match.linear.args) > 2 and match.linear.args[2] is not None
+        if not has_bias and site.smoothing.shift is not None:
+            return "the producing linear has no bias to absorb the shift"
+        for tensor_node in match.linear.args[1:3]:
+            if tensor_node is not None:
+                reason = _sharing_reason(site.gm, match.linear, tensor_node.target)
+                if reason:
+                    return reason
+        return _readers_reason(site)
+
+    def rewrite(self, site, match):
+        s, z = site.smoothing.scale, site.smoothing.shift
+        update_tensor(site, match.linear.args[1].target, "producer:w", (s,), lambda w: w / s[:, None])
+        if len(match.linear.args) > 2 and match.linear.args[2] is not None:
+            update_tensor(site, match.linear.args[2].target, "producer:b", (s, z),
+                          lambda b: (b - (z if z is not None else 0)) / s)
+        fold_into_readers(site, self.name)
+
+
+def _buffer_base(key: str) -> str:
+    return key.replace(".", "_").replace(":", "_").replace("#", "_")
+
+
+class ModulationMul(RewriteRule):
+    """``--unfoldable mul`` where :class:`AdaLNSingleFold` declines (per-block scales): ``(1 + scale) * (1/s)``
+    and ``(shift - z) * (1/s)`` on the ``[B, 1, D]`` modulation vectors, not on the activations."""
+
+    name = "modulation_mul"
+    applied_label = "with multiplies on the adaLN-single modulation"
+
+    def match(self, site):
+        return match_adaln_single(site.producer)
+
+    def check(self, site, match):
+        return _modulated_reason(site, match) or _readers_reason(site)
+
+    def rewrite(self, site, match):
+        gm, s, z = site.gm, site.smoothing.scale, site.smoothing.shift
+        if not hasattr(gm, ExplicitSmoothing.CONTAINER):
+            gm.add_submodule(ExplicitSmoothing.CONTAINER, torch.nn.Module())
+        container = gm.get_submodule(ExplicitSmoothing.CONTAINER)
+        base = _buffer_base(site.input_key)
+        graph = gm.graph
+        provenance = {"pass": FoldSmoothing.name, "rule": self.name, "layer": site.readers[0].meta[SPEC_KEY].layer,
+                      "group": getattr(site.branch, "index", 0)}
+
+        def emit(target, args, like, role):
+            node = graph.call_function(target, args)
+            node.meta["val"] = like.meta.get("val")
+            node.meta[PROVENANCE_KEY] = {**provenance, "role": role}
+            return node
+
+        def buffer(name, value):
+            container.register_buffer(name, value)
+            node = graph.get_attr(f"{ExplicitSmoothing.CONTAINER}.{name}")
+            node.meta[PROVENANCE_KEY] = {**provenance, "role": name}
+            return node
+
+        _, one_plus, product, shift_item = match.chain
+        inverse = site.memo("explicit:inv", (s,), lambda: (1.0 / s).to(torch.float32))
+        with graph.inserting_before(product):
+            scaled = emit(_aten.mul.Tensor, (one_plus, buffer(f"{base}_mod_inv_scale", inverse)), one_plus,
+                          "modulation_scale")
+        product.replace_input_with(one_plus, scaled)
+        with graph.inserting_before(match.modulated):
+            shifted = shift_item
+            if z is not None:
+                shift = site.memo("explicit:shift", (z,), lambda: z.to(torch.float32))
+                shifted = emit(_aten.sub.Tensor, (shifted, buffer(f"{base}_mod_shift", shift)), shift_item,
+                               "modulation_shift")
+            inverse_node = graph.get_attr(f"{ExplicitSmoothing.CONTAINER}.{base}_mod_inv_scale")
+            inverse_node.meta[PROVENANCE_KEY] = {**provenance, "role": f"{base}_mod_inv_scale"}
+            shifted = emit(_aten.mul.Tensor, (shifted, inverse_node), shift_item, "modulation_shift_scale")
+        match.modulated.replace_input_with(shift_item, shifted)
+        fold_into_readers(site, self.name)
 
 
 class ExplicitSmoothing(RewriteRule):
@@ -348,7 +700,9 @@ class ExplicitSmoothing(RewriteRule):
         fold_into_readers(site, self.name)
 
 
-EXACT_RULES: tuple[RewriteRule, ...] = (AdaLNModulationFold(), AttentionValueFold())
+# Tried in order; a rule whose pattern does not match a site is not mentioned in its outcome.
+EXACT_RULES: tuple[RewriteRule, ...] = (AdaLNModulationFold(), AttentionValueFold(), AdaLNSingleFold(),
+                                        ProducerLinearFold())
 
 
 def why_no_exact_fold(producer: fx.Node) -> str:
@@ -359,7 +713,19 @@ def why_no_exact_fold(producer: fx.Node) -> str:
         return "follows GELU"
     if is_call(node, _aten.silu.default):
         return "follows SiLU"
+    if node.op == "placeholder":
+        return f"reads the model input {node.name} (nothing before it to fold into)"
+    if is_call(node, _aten.add.Tensor) and _is_residual_sum(node):
+        return "reads the residual stream (a sum of two paths, with no norm or modulation after it)"
     return f"no exact fold after {getattr(node.target, '__name__', node.target)}"
+
+
+def _is_residual_sum(node: fx.Node) -> bool:
+    """An add of two full-size activations (no broadcast operand): a residual connection."""
+    shape = node.meta.get("val").shape if isinstance(node.meta.get("val"), torch.Tensor) else None
+    return shape is not None and len(node.args) == 2 and all(
+        isinstance(arg, fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor) and arg.meta["val"].shape == shape
+        for arg in node.args)
 
 
 class FoldSmoothing(BranchPass):
@@ -390,10 +756,11 @@ class FoldSmoothing(BranchPass):
             spec = node.meta.get(SPEC_KEY)
             if spec is not None:
                 readers.setdefault(spec.input_key, []).append(node)
+        sites = BranchSites(gm, branch, plan, producers, readers, self.memo)
         counts, details, changed = Counter(), [], False
         for key, smoothing in plan.items():
-            site = SmoothingSite(gm, branch, key, producers[key], readers[key], smoothing, self.memo)
-            rules = list(EXACT_RULES) + ([ExplicitSmoothing()] if self.unfoldable == "mul" else [])
+            site = sites.site(key)
+            rules = list(EXACT_RULES) + ([ModulationMul(), ExplicitSmoothing()] if self.unfoldable == "mul" else [])
             outcome = apply_first(rules, site)
             what = "scale and shift" if smoothing.shift is not None else "scale"
             if outcome.applied:

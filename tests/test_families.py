@@ -96,7 +96,8 @@ def test_roles_blocks_and_registry():
     assert not DIT.quantized_by_default("proj_out_2") and DIT.quantized_by_default("proj_out_2", with_optional=True)
     assert DIT.block_of("transformer_blocks.12.ff.net.0.proj") == "transformer_blocks.12"
     assert DIT.block_of("proj_out_1") is None
-    assert family_for("DiTTransformer2DModel") is DIT and set(FAMILIES) == {"DiTTransformer2DModel"}
+    assert family_for("DiTTransformer2DModel") is DIT
+    assert set(FAMILIES) == {"DiTTransformer2DModel", "PixArtTransformer2DModel"}
     with pytest.raises(KeyError, match="no model family takes UNet2DModel"):
         family_for("UNet2DModel")
 

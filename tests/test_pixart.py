@@ -21,6 +21,7 @@ from ditq_compiler import CalibrationConfig, CompileConfig, OrtTransformer
 from ditq_compiler.cli import main
 from ditq_compiler.exporters import fusion_report
 from ditq_compiler.numerics import agreement
+from ditq_compiler.exporters.lowering import LayerRecord
 from pixart_fixtures import make_tiny_pixart_pipeline, save_tiny_pixart_pipeline
 
 FORMATS = ["w8a8", "w4a8", "fp8", "fp4"]
@@ -100,7 +101,8 @@ def test_every_format_and_recipe_compiles_fused_and_matches_torch(variant, fmt, 
     assert artifact.manifest["model"]["class"] == "PixArtTransformer2DModel"
     assert list(artifact.manifest["inputs"]) == ["sample", "encoder_hidden_states", "timestep",
                                                  "encoder_attention_mask"]
-    report = fusion_report(artifact.model_path, artifact.manifest["quantized_weights"])
+    layers = {key: LayerRecord.from_manifest(record) for key, record in artifact.manifest["layers"].items()}
+    report = fusion_report(artifact.model_path, layers)  # the lowered weights (FP8's folded ones included)
     assert report.all_fused, report.unfused
     assert set(report.readers.values()) == {groups}  # every quantized layer fused in every branch
     assert len(artifact.manifest["quantized_layers"]) >= 2 * 10  # q/k/v, out, cross q/k/v/out, fc1, fc2 per block

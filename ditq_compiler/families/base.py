@@ -157,6 +157,14 @@ class ModelFamily:
     # a transformer block's module names; group 1 is the block's own module (``transformer_blocks.3``)
     block_pattern: re.Pattern | None = None
 
+    # -- smoothing sites (passes/recipes.py, passes/smoothing.py) --------------------------------------------------
+    # role -> roles smoothed wherever a recipe smooths that role (PixArt: cross-attention inputs with q/k/v)
+    smoothing_companions: dict[str, tuple[str, ...]] = {}
+    # roles whose inputs, one per block, must share one smoothing vector (they fold into rows all blocks share)
+    smoothing_shared_by_blocks: tuple[str, ...] = ()
+    # roles whose input is the same at every timestep: one smoothing vector for all timestep groups
+    smoothing_timestep_invariant: tuple[str, ...] = ()
+
     # -- layer roles -------------------------------------------------------------------------------------------
     def role_of(self, module: str) -> str:
         for role, patterns in self.roles.items():
