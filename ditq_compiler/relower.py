@@ -46,6 +46,10 @@ def relower(source: str | Path, target: str, output_dir: str | Path, *, force: b
     start = time.perf_counter()
     with phase("verifying the artifact"):
         artifact = Artifact.load(source)
+    if artifact.family.calibrates_through_pipeline:  # the probe samples without a pipeline: refused before work
+        raise ConfigError(f"re-lowering a {artifact.model_config.get('_class_name', 'text-to-image')} artifact is not "
+                          "supported yet (its probe inputs come from the diffusers pipeline): recompile it from the "
+                          f"pipeline with --target {target}")
     manifest = artifact.manifest
     layers = {key: LayerRecord.from_manifest(data) for key, data in _layers_of(manifest).items()}
     if target == "tensorrt" and any(r.weight_format.startswith("fp4") for r in layers.values()):

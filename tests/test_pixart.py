@@ -251,5 +251,7 @@ def test_run_asks_a_text_model_for_prompts_and_a_class_model_for_labels(pixart_d
     assert "takes --prompt, not --class-labels" in _one_line_error(capsys)
     assert main(["run", str(compiled_tiny[0].path), "--prompt", "a cat", "-o", str(tmp_path / "y.npz")]) == 2
     assert "takes --class-labels, not --prompt" in _one_line_error(capsys)
+    assert main(["lower", str(artifact.path), "--target", "tensorrt", "-o", str(tmp_path / "low")]) == 2
+    assert "recompile it from the pipeline with --target tensorrt" in _one_line_error(capsys)
     manifest = json.loads((artifact.path / "manifest.json").read_text())
     assert manifest["calibration_recording"]["prompts"] == len(CALIB_PROMPTS)
