@@ -63,6 +63,20 @@ class TensorStats:
     def timesteps(self) -> list[int]:
         return sorted(self.per_timestep)
 
+    @staticmethod
+    def merged(key: str, parts: list["TensorStats"]) -> "TensorStats":
+        """The statistics of several tensors read as one: per timestep, the per-channel min and max over
+        ``parts`` (timesteps missing from a part are taken from the others)."""
+        merged = TensorStats(key, [c for part in parts for c in part.consumers])
+        for part in parts:
+            for t, entry in part.per_timestep.items():
+                known = merged.per_timestep.get(t)
+                merged.per_timestep[t] = TimestepStats(entry.channel_min.clone(), entry.channel_max.clone(),
+                                                       entry.rows) if known is None else \
+                    TimestepStats(torch.minimum(known.channel_min, entry.channel_min),
+                                  torch.maximum(known.channel_max, entry.channel_max), known.rows + entry.rows)
+        return merged
+
     def transform(self, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
         """The statistics of ``(X - shift) / scale`` (``scale > 0`` per channel), from those of ``X``."""
         if not bool((scale > 0).all()):

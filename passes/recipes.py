@@ -44,7 +44,7 @@ import math
 
 import torch
 
-from ..calibration import TensorStats, TimestepStats
+from ..calibration import TensorStats
 from ..config import CompileConfig
 from ..grouped import get_tensor
 from ..pass_manager import GraphPass, PassResult
@@ -66,25 +66,6 @@ def smoothing_targets(gm, roles: tuple[str, ...]) -> dict[str, list]:
 def joint_weight(gm, readers) -> torch.Tensor:
     """The weights of every reader stacked by rows, ``[sum of outputs, channels]``, float64."""
     return torch.cat([get_tensor(gm, reader.args[1].target).detach().to(torch.float64) for reader in readers])
-
-
-def merged_stats(key: str, parts: list[TensorStats]) -> TensorStats:
-    """The statistics of several tensors read as one: per timestep, the per-channel min and max over ``parts``
-    (timesteps missing from a part are taken from the others)."""
-    merged = TensorStats(key, [c for part in parts for c in part.consumers])
-    for part in parts:
-        for t, entry in part.per_timestep.items():
-            known = merged.per_timestep.get(t)
-            merged.per_timestep[t] = TimestepStats(entry.channel_min.clone(), entry.channel_max.clone(), entry.rows) \
-                if known is None else TimestepStats(torch.minimum(known.channel_min, entry.channel_min),
-                                                    torch.maximum(known.channel_max, entry.channel_max),
-                                                    known.rows + entry.rows)
-    return merged
-
-
-def family_smoothing(family) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(roles shared by blocks, timestep-invariant roles)`` the family declares (none by default)."""
-    return tuple(family.smoothing_shared_by_blocks), tuple(family.smoothing_timestep_invariant)
 
 
 def _ordered(tensor_stats) -> list[int]:
@@ -120,7 +101,7 @@ class ComputeSmoothing(GraphPass):
     def run(self, module, ctx):
         branches = module.graph_modules()
         roles = self.config.recipe_spec.roles_for(ctx.family)
-        by_blocks, invariant = family_smoothing(ctx.family)
+        by_blocks, invariant = ctx.family.smoothing_shared_by_blocks, ctx.family.smoothing_timestep_invariant
         targets = smoothing_targets(branches[0], roles)
         role_of = {key: readers[0].meta[SPEC_KEY].role for key, readers in targets.items()}
         plan = SmoothingPlan(self.recipe, [{} for _ in branches])
@@ -158,7 +139,7 @@ class ComputeSmoothing(GraphPass):
         per_branch = {key: [branch.stats.get(key) for branch in ctx.branches] for key in members}
         if not pool_groups:
             return self.smooth_joint(per_branch, weight, self.shared)
-        pooled = {key: [merged_stats(key, parts)] for key, parts in per_branch.items()}  # disjoint timesteps
+        pooled = {key: [TensorStats.merged(key, parts)] for key, parts in per_branch.items()}  # disjoint timesteps
         return {key: results * len(ctx.branches) for key, results in self.smooth_joint(pooled, weight, True).items()}
 
     def smooth(self, stats, weight, shared) -> list[Smoothing]:
@@ -169,7 +150,7 @@ class ComputeSmoothing(GraphPass):
         reader's of every member). By default :meth:`smooth` on the pooled statistics, and the very same
         Smoothing objects for every member (the folds then see one vector)."""
         count = len(next(iter(members.values())))
-        merged = [merged_stats("+".join(members), [parts[i] for parts in members.values()]) for i in range(count)]
+        merged = [TensorStats.merged("+".join(members), [parts[i] for parts in members.values()]) for i in range(count)]
         results = self.smooth(merged, weight, shared)
         return {key: results for key in members}
 
@@ -271,25 +252,7 @@ class HTGScales(ComputeSmoothing):
                 for key in members}
 
     def smooth(self, stats, weight, shared):
-        w = weight.abs().amax(dim=0)
-        shifts = [self.group_shift(part) for part in stats]
-
-        def ema_scale(parts_with_shift):
-            entries = sorted(((t, e, z) for part, z in parts_with_shift for t, e in part.per_timestep.items()),
-                             key=lambda item: -item[0])
-            m = None
-            for _, entry, z in entries:
-                value = torch.maximum((entry.channel_min.to(torch.float64) - z).abs(),
-                                      (entry.channel_max.to(torch.float64) - z).abs())
-                m = value if m is None else self.DECAY * m + (1 - self.DECAY) * value
-            return clamp_scale(torch.sqrt(m / w))
-
-        if shared:
-            s = ema_scale(list(zip(stats, shifts)))
-            scales = [s] * len(stats)
-        else:
-            scales = [ema_scale([(part, z)]) for part, z in zip(stats, shifts)]
-        return [Smoothing(s, z, f"shift |z| <= {float(z.abs().max()):.3g}") for s, z in zip(scales, shifts)]
+        return self.smooth_joint({"": stats}, weight, shared)[""]  # one member: its timesteps in sampling order
 
 
 class ViDiTScales(ComputeSmoothing):

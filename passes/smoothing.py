@@ -196,9 +196,54 @@ def fold_into_readers(site: SmoothingSite, rule: str) -> None:
     site.branch.stats.get(site.input_key).transform(s, z)
 
 
+def _output_rows_reason(site: SmoothingSite, linear: fx.Node, what: str) -> str | None:
+    """Why ``linear``'s output rows cannot take ``diag(1/s)`` (and ``-z``), or None: a shift needs a bias, and the
+    weight and bias must be the layer's own."""
+    has_bias = len(linear.args) > 2 and linear.args[2] is not None
+    if not has_bias and site.smoothing.shift is not None:
+        return f"{what} has no bias to absorb the shift"
+    for tensor_node in linear.args[1:3]:
+        if tensor_node is not None:
+            reason = _sharing_reason(site.gm, linear, tensor_node.target)
+            if reason:
+                return reason
+    return _readers_reason(site)
+
+
+def fold_into_output_rows(site: SmoothingSite, linear: fx.Node, tag: str, rule: str) -> None:
+    """``W <- diag(1/s) W``, ``b <- (b - z)/s`` on ``linear`` (the producer side), then the readers' side."""
+    s, z = site.smoothing.scale, site.smoothing.shift
+    update_tensor(site, linear.args[1].target, f"{tag}:w", (s,), lambda w: w / s[:, None])
+    if len(linear.args) > 2 and linear.args[2] is not None:
+        update_tensor(site, linear.args[2].target, f"{tag}:b", (s, z), lambda b: (b - (z if z is not None else 0)) / s)
+    fold_into_readers(site, rule)
+
+
 # ------------------------------------------------------------------------------------------------
 # Rules
 # ------------------------------------------------------------------------------------------------
+
+def _modulation_parts(x: fx.Node):
+    """``LN(h) * (1 + a) + b`` (either operand order) -> ``(product, one_plus, a, b)``, or None."""
+    if not is_call(x, _aten.add.Tensor) or len(x.args) != 2:
+        return None
+    product, shift = x.args
+    if is_call(shift, _aten.mul.Tensor):
+        product, shift = shift, product
+    if not (is_call(product, _aten.mul.Tensor) and isinstance(shift, fx.Node)):
+        return None
+    norm, one_plus = product.args
+    if is_call(one_plus, _aten.layer_norm.default):
+        norm, one_plus = one_plus, norm
+    if not (is_call(norm, _aten.layer_norm.default) and is_call(one_plus, _aten.add.Tensor)):
+        return None
+    scale, one = one_plus.args
+    if not isinstance(scale, fx.Node):
+        scale, one = one, scale
+    if one != 1 or not isinstance(scale, fx.Node):
+        return None
+    return product, one_plus, scale, shift
+
 
 @dataclass
 class AdaLNMatch:
@@ -216,22 +261,11 @@ class AdaLNModulationFold(RewriteRule):
 
     def match(self, site):
         x = site.producer
-        if not is_call(x, _aten.add.Tensor) or len(x.args) != 2:
+        parts = _modulation_parts(x)
+        if parts is None:
             return None
-        product, shift_u = x.args
-        if is_call(shift_u, _aten.mul.Tensor):
-            product, shift_u = shift_u, product
-        if not (is_call(product, _aten.mul.Tensor) and is_call(shift_u, _aten.unsqueeze.default)):
-            return None
-        norm, one_plus = product.args
-        if is_call(one_plus, _aten.layer_norm.default):
-            norm, one_plus = one_plus, norm
-        if not (is_call(norm, _aten.layer_norm.default) and is_call(one_plus, _aten.add.Tensor)):
-            return None
-        scale_u, one = one_plus.args
-        if not isinstance(scale_u, fx.Node):
-            scale_u, one = one, scale_u
-        if one != 1 or not is_call(scale_u, _aten.unsqueeze.default):
+        product, one_plus, scale_u, shift_u = parts
+        if not (is_call(shift_u, _aten.unsqueeze.default) and is_call(scale_u, _aten.unsqueeze.default)):
             return None
         scale_item, shift_item = scale_u.args[0], shift_u.args[0]
         if not (is_call(scale_item, operator.getitem) and is_call(shift_item, operator.getitem)):
@@ -343,51 +377,17 @@ class AttentionValueFold(RewriteRule):
         mask_value = mask.meta.get("val") if isinstance(mask, fx.Node) else None
         if mask_value is not None and mask_value.dtype == torch.bool:  # an additive mask keeps row sums at 1
             return "a boolean attention mask can empty a softmax row"
-        if len(match.value_linear.args) < 3 or match.value_linear.args[2] is None:
-            if site.smoothing.shift is not None:
-                return "the value projection has no bias to absorb the shift"
-        for tensor_node in match.value_linear.args[1:3]:
-            if tensor_node is not None:
-                reason = _sharing_reason(site.gm, match.value_linear, tensor_node.target)
-                if reason:
-                    return reason
-        return _readers_reason(site)
+        return _output_rows_reason(site, match.value_linear, "the value projection")
 
     def rewrite(self, site, match):
         s, z = site.smoothing.scale, site.smoothing.shift
-        update_tensor(site, match.value_linear.args[1].target, "value:w", (s,), lambda w: w / s[:, None])
-        if len(match.value_linear.args) > 2 and match.value_linear.args[2] is not None:
-            update_tensor(site, match.value_linear.args[2].target, "value:b", (s, z),
-                          lambda b: (b - (z if z is not None else 0)) / s)
-        fold_into_readers(site, self.name)
+        fold_into_output_rows(site, match.value_linear, "value", self.name)
         attention = match.chain[-3].meta.get(ATTENTION_KEY)
         if attention is not None and site.branch is not None:  # V itself is quantized: its statistics follow
             site.branch.stats.get(attention.v_key).transform(s, z)
 
 
 _RESHAPES = (_aten.reshape.default, _aten.view.default, _aten._unsafe_view.default)
-
-
-def _modulation_parts(x: fx.Node):
-    """``LN(h) * (1 + a) + b`` (either operand order) -> ``(product, one_plus, a, b)``, or None."""
-    if not is_call(x, _aten.add.Tensor) or len(x.args) != 2:
-        return None
-    product, shift = x.args
-    if is_call(shift, _aten.mul.Tensor):
-        product, shift = shift, product
-    if not (is_call(product, _aten.mul.Tensor) and isinstance(shift, fx.Node)):
-        return None
-    norm, one_plus = product.args
-    if is_call(one_plus, _aten.layer_norm.default):
-        norm, one_plus = one_plus, norm
-    if not (is_call(norm, _aten.layer_norm.default) and is_call(one_plus, _aten.add.Tensor)):
-        return None
-    scale, one = one_plus.args
-    if not isinstance(scale, fx.Node):
-        scale, one = one, scale
-    if one != 1 or not isinstance(scale, fx.Node):
-        return None
-    return product, one_plus, scale, shift
 
 
 @dataclass
@@ -587,27 +587,21 @@ class ProducerLinearFold(RewriteRule):
                 return f"{node.name} between the producing linear and its readers is read elsewhere"
         if match.linear.meta["val"].shape[-1] != site.smoothing.scale.numel():
             return "the smoothing vector does not match the producing linear's width"
-        has_bias = len(match.linear.args) > 2 and match.linear.args[2] is not None
-        if not has_bias and site.smoothing.shift is not None:
-            return "the producing linear has no bias to absorb the shift"
-        for tensor_node in match.linear.args[1:3]:
-            if tensor_node is not None:
-                reason = _sharing_reason(site.gm, match.linear, tensor_node.target)
-                if reason:
-                    return reason
-        return _readers_reason(site)
+        return _output_rows_reason(site, match.linear, "the producing linear")
 
     def rewrite(self, site, match):
-        s, z = site.smoothing.scale, site.smoothing.shift
-        update_tensor(site, match.linear.args[1].target, "producer:w", (s,), lambda w: w / s[:, None])
-        if len(match.linear.args) > 2 and match.linear.args[2] is not None:
-            update_tensor(site, match.linear.args[2].target, "producer:b", (s, z),
-                          lambda b: (b - (z if z is not None else 0)) / s)
-        fold_into_readers(site, self.name)
+        fold_into_output_rows(site, match.linear, "producer", self.name)
 
 
 def _buffer_base(key: str) -> str:
     return key.replace(".", "_").replace(":", "_").replace("#", "_")
+
+
+def _smoothing_container(gm: fx.GraphModule) -> torch.nn.Module:
+    """The submodule holding the explicit smoothing ops' buffers (``--unfoldable mul``), created on first use."""
+    if not hasattr(gm, ExplicitSmoothing.CONTAINER):
+        gm.add_submodule(ExplicitSmoothing.CONTAINER, torch.nn.Module())
+    return gm.get_submodule(ExplicitSmoothing.CONTAINER)
 
 
 class ModulationMul(RewriteRule):
@@ -625,9 +619,7 @@ class ModulationMul(RewriteRule):
 
     def rewrite(self, site, match):
         gm, s, z = site.gm, site.smoothing.scale, site.smoothing.shift
-        if not hasattr(gm, ExplicitSmoothing.CONTAINER):
-            gm.add_submodule(ExplicitSmoothing.CONTAINER, torch.nn.Module())
-        container = gm.get_submodule(ExplicitSmoothing.CONTAINER)
+        container = _smoothing_container(gm)
         base = _buffer_base(site.input_key)
         graph = gm.graph
         provenance = {"pass": FoldSmoothing.name, "rule": self.name, "layer": site.readers[0].meta[SPEC_KEY].layer,
@@ -648,8 +640,8 @@ class ModulationMul(RewriteRule):
         _, one_plus, product, shift_item = match.chain
         inverse = site.memo("explicit:inv", (s,), lambda: (1.0 / s).to(torch.float32))
         with graph.inserting_before(product):
-            scaled = emit(_aten.mul.Tensor, (one_plus, buffer(f"{base}_mod_inv_scale", inverse)), one_plus,
-                          "modulation_scale")
+            inverse_node = buffer(f"{base}_mod_inv_scale", inverse)
+            scaled = emit(_aten.mul.Tensor, (one_plus, inverse_node), one_plus, "modulation_scale")
         product.replace_input_with(one_plus, scaled)
         with graph.inserting_before(match.modulated):
             shifted = shift_item
@@ -657,8 +649,6 @@ class ModulationMul(RewriteRule):
                 shift = site.memo("explicit:shift", (z,), lambda: z.to(torch.float32))
                 shifted = emit(_aten.sub.Tensor, (shifted, buffer(f"{base}_mod_shift", shift)), shift_item,
                                "modulation_shift")
-            inverse_node = graph.get_attr(f"{ExplicitSmoothing.CONTAINER}.{base}_mod_inv_scale")
-            inverse_node.meta[PROVENANCE_KEY] = {**provenance, "role": f"{base}_mod_inv_scale"}
             shifted = emit(_aten.mul.Tensor, (shifted, inverse_node), shift_item, "modulation_shift_scale")
         match.modulated.replace_input_with(shift_item, shifted)
         fold_into_readers(site, self.name)
@@ -679,10 +669,8 @@ class ExplicitSmoothing(RewriteRule):
 
     def rewrite(self, site, match):
         gm, s, z = site.gm, site.smoothing.scale, site.smoothing.shift
-        if not hasattr(gm, self.CONTAINER):
-            gm.add_submodule(self.CONTAINER, torch.nn.Module())
-        container = gm.get_submodule(self.CONTAINER)
-        base = site.input_key.replace(".", "_").replace(":", "_").replace("#", "_")
+        container = _smoothing_container(gm)
+        base = _buffer_base(site.input_key)
         graph = gm.graph
         first_reader = next(node for node in graph.nodes if node in site.readers)
         with graph.inserting_before(first_reader):

@@ -30,6 +30,18 @@ def trace_dit(model, inputs, **options):
     return trace_model(model, DIT, dict(model.config), inputs, **options)
 
 
+def input_keys_by_role(gm) -> dict[str, list[str]]:
+    """role -> the distinct input keys of the annotated linears of that role, in graph order."""
+    from ditq_compiler.qspec import SPEC_KEY
+
+    keys: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        spec = node.meta.get(SPEC_KEY)
+        if spec is not None and spec.input_key not in keys.get(spec.role, []):
+            keys.setdefault(spec.role, []).append(spec.input_key)
+    return keys
+
+
 def make_tiny_dit(seed: int = 0, **overrides):
     from diffusers import DiTTransformer2DModel
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIG, make_tiny_dit
-from pixart_fixtures import make_tiny_pixart  # noqa: F401  (other test modules import it from here too)
+from pixart_fixtures import make_tiny_pixart
 from ditq_compiler.errors import TimestepError
 from ditq_compiler.families import DIT, FAMILIES, ROLES, Signature, family_for
 

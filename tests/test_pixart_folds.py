@@ -16,7 +16,8 @@ from collections import Counter
 import pytest
 import torch
 
-from test_families import make_tiny_pixart
+from conftest import input_keys_by_role
+from pixart_fixtures import make_tiny_pixart
 from ditq_compiler import CalibrationConfig, CompileConfig
 from ditq_compiler.config import RECIPES
 from ditq_compiler.context import CompileContext
@@ -96,15 +97,6 @@ def _split(pixart, groups=3, quantize_embedders=False, **config_kwargs):
     return module, ctx
 
 
-def _keys_by_role(gm) -> dict[str, list[str]]:
-    keys: dict[str, list[str]] = {}
-    for node in gm.graph.nodes:
-        spec = node.meta.get(SPEC_KEY)
-        if spec is not None and spec.input_key not in keys.get(spec.role, []):
-            keys.setdefault(spec.role, []).append(spec.input_key)
-    return keys
-
-
 def _width(ctx, key):
     stats = ctx.branches[0].stats.get(key)
     return stats.per_timestep[stats.timesteps[0]].channel_min.numel()
@@ -115,7 +107,7 @@ def _random_plan(module, ctx, roles, with_shift=True, per_block=False) -> Smooth
     block (``per_block``: one per block instead); shifts per block and group."""
     generator = torch.Generator().manual_seed(0)
     plan = SmoothingPlan("test", [{} for _ in ctx.branches])
-    for role, keys in _keys_by_role(module.graph_modules()[0]).items():
+    for role, keys in input_keys_by_role(module.graph_modules()[0]).items():
         if role not in roles:
             continue
         shared_by_blocks = role in PIXART.smoothing_shared_by_blocks and not per_block
@@ -202,7 +194,7 @@ def test_one_scale_folds_the_shared_rows_once_and_shifts_make_per_group_tables(p
     assert sharing["caption_projection.linear_2.weight"] and not sharing["caption_projection.linear_2.bias"]
     # the shared rows took 1/s once, not once per block: shift_msa, scale_msa (qkv) and shift_mlp, scale_mlp (fc1)
     # rows are divided by their role's s, the gates' rows are untouched
-    keys = _keys_by_role(gm)
+    keys = input_keys_by_role(gm)
     weight = get_tensor(gm, "adaln_single.linear.weight").detach().to(torch.float64)
     bias = get_tensor(gm, "adaln_single.linear.bias").detach().to(torch.float64)
     width = _width(ctx, keys["qkv"][0])
@@ -225,7 +217,7 @@ def test_per_block_scales_and_unsmoothed_siblings_are_declined_with_their_reason
 
     # only block 0's qkv input in the plan: block 1 reads the same rows unsmoothed
     ctx.smoothing_plan = _random_plan(module, ctx, ("qkv",))
-    first = _keys_by_role(gm)["qkv"][0]
+    first = input_keys_by_role(gm)["qkv"][0]
     ctx.smoothing_plan.per_branch[0] = {first: ctx.smoothing_plan.per_branch[0][first]}
     result = FoldSmoothing("skip").run(module, ctx)
     assert result.summary == "skipped 1 qkv inputs: transformer_blocks.1 reads the same adaLN-single rows unsmoothed"
@@ -258,7 +250,7 @@ def test_every_recipe_folds_on_pixart_and_keeps_the_function(pixart, check_input
     module, ctx = _split(pixart, groups, recipe=recipe)
     smoothing = SMOOTHING_PASSES[recipe](ctx.config).run(module, ctx)
     plans = ctx.smoothing_plan.per_branch
-    keys = _keys_by_role(module.graph_modules()[0])
+    keys = input_keys_by_role(module.graph_modules()[0])
     # one scale for every block's qkv (fc1) input: the adaLN-single rows are shared by the blocks
     for role in ("qkv", "fc1"):
         assert all(plan[key].scale is plan[keys[role][0]].scale for plan in plans for key in keys[role])

@@ -27,7 +27,7 @@ from ditq_compiler.passes import (AnnotateLinearQuantization, CollectActivationS
 from ditq_compiler.passes.recipes import dilation_scale, recipe_passes
 from ditq_compiler.passes.smoothing import Smoothing, SmoothingPlan
 from ditq_compiler.qspec import SMOOTHING_KEY, SPEC_KEY
-from conftest import example_inputs, trace_dit
+from conftest import example_inputs, input_keys_by_role, trace_dit
 
 RECIPES = ["smoothquant", "ptq4dit", "htg", "vidit", "dilate"]
 CALIB = CalibrationConfig(steps=6, samples=2)
@@ -56,19 +56,10 @@ def _split(model, groups=3, config_kwargs=None):
     return module, ctx
 
 
-def _keys_by_role(gm) -> dict[str, list[str]]:
-    keys: dict[str, list[str]] = {}
-    for node in gm.graph.nodes:
-        spec = node.meta.get(SPEC_KEY)
-        if spec is not None and spec.input_key not in keys.get(spec.role, []):
-            keys.setdefault(spec.role, []).append(spec.input_key)
-    return keys
-
-
 def _random_plan(module, ctx, roles, with_shift: bool) -> SmoothingPlan:
     """Scales shared by every group (one object), shifts per group: the HTG layout, the hardest case."""
     generator = torch.Generator().manual_seed(0)
-    keys = [key for role, role_keys in _keys_by_role(module.graph_modules()[0]).items() if role in roles
+    keys = [key for role, role_keys in input_keys_by_role(module.graph_modules()[0]).items() if role in roles
             for key in role_keys]
     plan = SmoothingPlan("test", [{} for _ in ctx.branches])
     for key in keys:
