@@ -60,7 +60,6 @@ class CompileContext:
     # Recorded transformer calls ``(timestep, inputs in signature order)`` from the user's diffusers pipeline
     # (``recording.py``); when set, calibration replays them instead of running the family's sampling loop.
     recorded_calls: object | None = None  # a recording.Recording, or a list of (timestep, inputs)
-    recording_source: dict | None = None  # what produced the recording (for the manifest)
 
     def check_inputs_by_group(self, per_group: int | None = 2) -> dict[int, list]:
         """Up to ``per_group`` recorded calibration inputs for each timestep group, spread over the group
@@ -75,6 +74,11 @@ class CompileContext:
                 timesteps = [timesteps[p] for p in sorted(set(positions))]
             chosen[group.index] = [self.calibration_inputs[t] for t in timesteps]
         return chosen
+
+    @property
+    def recording_source(self) -> dict | None:
+        """What produced the recorded calls (``Recording.source``, for the manifest), where they are a recording."""
+        return getattr(self.recorded_calls, "source", None)
 
     def export_inputs(self) -> tuple[torch.Tensor, ...]:
         """Inputs the ONNX exporter traces with: the family's examples, or (calibrated on recorded pipeline calls,

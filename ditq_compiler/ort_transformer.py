@@ -35,6 +35,7 @@ class OrtTransformer(torch.nn.Module):
     def __init__(self, denoise: Callable[[tuple], torch.Tensor], family: ModelFamily, signature: Signature,
                  model_config: dict, fixed_sizes: dict[tuple[str, int], int] | None = None, description: str = ""):
         super().__init__()
+        import diffusers
         from diffusers.configuration_utils import FrozenDict
 
         self._denoise = denoise
@@ -43,8 +44,6 @@ class OrtTransformer(torch.nn.Module):
         self.config = FrozenDict(model_config)
         self.fixed_sizes = fixed_sizes or {}
         self.description = description
-        import diffusers
-
         diffusers_class = getattr(diffusers, family.model_classes[0])
         self._parameters_of_forward = inspect.signature(diffusers_class.forward)
 
@@ -57,9 +56,6 @@ class OrtTransformer(torch.nn.Module):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def to(self, *args, **kwargs):  # the artifact runs where its provider runs; a pipeline's .to() is a no-op here
-        return self
-
     @classmethod
     def from_artifact(cls, path: str | Path, provider: str = "auto") -> "OrtTransformer":
         """The artifact at ``path`` (verified against its sealed manifest) on ONNX Runtime's ``provider``."""
@@ -68,7 +64,7 @@ class OrtTransformer(torch.nn.Module):
         artifact = Artifact.load(path)
         session = artifact.session(provider)
         fixed = {}
-        for position, (spec, value) in enumerate(zip(artifact.signature.inputs, session.get_inputs())):
+        for spec, value in zip(artifact.signature.inputs, session.get_inputs()):
             for dim, size in enumerate(value.shape):
                 if isinstance(size, int) and dim > 0:
                     fixed[(spec.name, dim)] = size

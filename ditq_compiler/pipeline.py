@@ -84,6 +84,7 @@ def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfi
     family = loaded.family
     config.calibration.validate(int(loaded.scheduler_config.get("num_train_timesteps", 1000)))
     torch.manual_seed(config.calibration.seed)
+    refuse_uncalibratable(loaded, config)  # --prompts on DiT, PixArt without encoder or recording: before work
     recording = None
     if family.calibrates_through_pipeline:  # the user's diffusers pipeline runs before tracing, on the float model
         recording = pipeline_recording(loaded, config)
@@ -103,7 +104,7 @@ def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfi
         config.select_layers(list(dict.fromkeys(site.module for site in linear_sites(gm))), family)
     ctx = CompileContext(config, loaded.model_config, loaded.scheduler_config, check_inputs, family=family)
     if recording is not None:
-        ctx.recorded_calls, ctx.recording_source = recording, recording.source
+        ctx.recorded_calls = recording
     manager = PassManager(build_passes(config), instruments or [])
     gm = manager.run(gm, ctx)
     return CompileResult(gm, ctx, loaded, manager, quantized_layer_weights(graph_modules(gm)[0]))
@@ -131,7 +132,6 @@ def pipeline_recording(loaded: LoadedCheckpoint, config: CompileConfig):
     from .prompts import load_prompts
     from .recording import load_recording, record_pipeline
 
-    refuse_uncalibratable(loaded, config)
     calib = config.calibration
     if calib.inputs is not None:
         return load_recording(calib.inputs, loaded.family, loaded.model_config, loaded.scheduler_config)
@@ -407,5 +407,4 @@ def _jsonable(config) -> dict:
             return [finite(item) for item in value]
         return value
 
-    return json.loads(json.dumps(finite(dict(config)),
-                                 default=lambda value: list(value) if isinstance(value, tuple) else str(value)))
+    return json.loads(json.dumps(finite(dict(config)), default=str))

@@ -108,7 +108,8 @@ def test_every_format_and_recipe_compiles_fused_and_matches_torch(variant, fmt, 
     report = fusion_report(artifact.model_path, layers)  # the lowered weights (FP8's folded ones included)
     assert report.all_fused, report.unfused
     assert set(report.readers.values()) == {groups}  # every quantized layer fused in every branch
-    assert len(artifact.manifest["quantized_layers"]) >= 2 * 10  # q/k/v, out, cross q/k/v/out, fc1, fc2 per block
+    # per block: q, k, v, out, cross q, k, v, out, fc1, fc2; and adaln_single.linear
+    assert len(artifact.manifest["quantized_layers"]) == 2 * 10 + 1
     # ONNX Runtime against the torch fake-quant graph on recorded calls of every group (the compile refuses an
     # artifact that disagrees; checked here on rows of its own choosing too)
     for group, rows in result.context.check_inputs_by_group(per_group=2).items():
@@ -228,8 +229,12 @@ def test_random_or_mismatched_embeddings_are_refused_in_one_line(pixart_dirs, re
     def narrow(tensors):
         tensors["rows.encoder_hidden_states"] = tensors["rows.encoder_hidden_states"][..., :16].contiguous()
 
+    def past_the_rows(tensors):
+        tensors["call.00003.encoder_hidden_states.index"] = tensors["call.00003.encoder_hidden_states.index"] + 100
+
     for change, message in ((randomize, "text embeddings look random"),
-                            (narrow, "encoder_hidden_states has caption_channels 16, the model takes 32")):
+                            (narrow, "encoder_hidden_states has caption_channels 16, the model takes 32"),
+                            (past_the_rows, "call 3 is incomplete or points past its rows")):
         recording = _rewritten(recordings["alpha"], tmp_path, change)
         assert main(["compile", transformer, "-o", str(tmp_path / "x"), "--calibration-inputs", str(recording)]) == 2
         assert message in _one_line_error(capsys)
@@ -248,12 +253,16 @@ def test_random_or_mismatched_embeddings_are_refused_in_one_line(pixart_dirs, re
 
 
 def test_run_asks_a_text_model_for_prompts_and_a_class_model_for_labels(pixart_dirs, recordings, compiled_tiny,
-                                                                       tmp_path_factory, tmp_path, capsys):
+                                                                       prompts_file, tmp_path_factory, tmp_path,
+                                                                       capsys):
     artifact, _ = _compiled(pixart_dirs, recordings, tmp_path_factory, "sigma", "w8a8", "minmax", 1)
     assert main(["run", str(artifact.path), "--class-labels", "1", "-o", str(tmp_path / "x.npz")]) == 2
     assert "takes --prompt, not --class-labels" in _one_line_error(capsys)
     assert main(["run", str(compiled_tiny[0].path), "--prompt", "a cat", "-o", str(tmp_path / "y.npz")]) == 2
     assert "takes --class-labels, not --prompt" in _one_line_error(capsys)
+    dit = str(compiled_tiny[0].manifest["source"]["path"])
+    assert main(["compile", dit, "-o", str(tmp_path / "z"), "--prompts", str(prompts_file)]) == 2
+    assert "--prompts and --calibration-inputs are for text-to-image models" in _one_line_error(capsys)
     assert main(["lower", str(artifact.path), "--target", "tensorrt", "-o", str(tmp_path / "low")]) == 2
     assert "recompile it from the pipeline with --target tensorrt" in _one_line_error(capsys)
     manifest = json.loads((artifact.path / "manifest.json").read_text())
