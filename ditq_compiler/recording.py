@@ -184,9 +184,7 @@ def record_pipeline(pipeline_dir: str | Path, family: ModelFamily, model_config:
 
     from .progress import track
 
-    pipeline_dir = Path(pipeline_dir)
-    if not pipeline_has_text_encoder(pipeline_dir):
-        raise CheckpointError(missing_encoder_message(pipeline_dir))
+    pipeline_dir = Path(pipeline_dir)  # its text encoder was checked before the transformer was loaded
     extra = {"transformer": transformer} if transformer is not None else {}
     try:
         with quiet_loading():

@@ -74,7 +74,7 @@ def make_tiny_pixart_pipeline(variant: str = "alpha", seed: int = 0, with_encode
     pipeline_class = PixArtAlphaPipeline if variant == "alpha" else PixArtSigmaPipeline
     transformer = make_tiny_pixart(seed=seed, **({"interpolation_scale": 1} if variant == "sigma" else {}),
                                    **overrides)
-    with torch.no_grad():  # PixArt zero-initialises nothing we rely on, but give the modulation table signal
+    with torch.no_grad():  # scale_shift_table starts near 0: give every block's table signal, as trained ones have
         for block in transformer.transformer_blocks:
             block.scale_shift_table.normal_(0, 0.1)
     encoder, tokenizer = make_tiny_text_encoder(seed) if with_encoder else (None, None)
