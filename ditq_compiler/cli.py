@@ -401,7 +401,8 @@ def _run_pipeline(args, artifact, choice) -> int:
 
 
 def save_images(images, prompts: list[str], output: Path) -> list[Path]:
-    """``images`` [N, H, W, 3] in [0, 1] to ``output`` (.npz with the prompts) and one PNG per prompt beside it."""
+    """``images`` [N, H, W, C] in [0, 1] (C 1 or 3) to ``output`` (.npz with the prompts) and one PNG per prompt
+    beside it."""
     import numpy as np
     from PIL import Image
 
@@ -410,7 +411,8 @@ def save_images(images, prompts: list[str], output: Path) -> list[Path]:
     written = []
     for index, image in enumerate(images):
         png = output.with_name(f"{output.stem}_{index}.png")
-        Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(png)
+        pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(png)
         written.append(png)
     return written
 

@@ -25,6 +25,8 @@ def u8s8_saturates() -> bool:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from .runtime import quiet_session_options
+
     k = 64  # pairs of 255 * 127: exact sum 64 * 255 * 127, saturated far below it
     weight = numpy_helper.from_array(np.full((k, 8), 127, dtype=np.int8), "w")
     nodes = [helper.make_node("MatMulInteger", ["a", "w"], ["y"])]
@@ -32,8 +34,7 @@ def u8s8_saturates() -> bool:
                               [helper.make_tensor_value_info("y", TensorProto.INT32, [16, 8])], [weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = quiet_session_options()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     result = session.run(None, {"a": np.full((16, k), 255, dtype=np.uint8)})[0]

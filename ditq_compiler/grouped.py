@@ -47,7 +47,7 @@ class TimestepGroupedModule(torch.nn.Module):
         if bool(bad.any()):
             raise TimestepError(f"timestep {timestep[bad][0].item():g} is outside the scheduler's range "
                                 f"[{first:g}, {last:g}]")
-        return torch.searchsorted(self.group_ends.to(timestep.dtype), timestep)
+        return torch.searchsorted(self.group_ends.to(timestep.dtype), timestep.contiguous())
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(self.branches) == 1:

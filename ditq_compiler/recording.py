@@ -174,25 +174,41 @@ def pipeline_has_text_encoder(pipeline_dir: Path) -> bool:
     return isinstance(entry, list) and entry[0] is not None and (pipeline_dir / "text_encoder").is_dir()
 
 
+def load_user_pipeline(pipeline_dir: Path, **components):
+    """The diffusers pipeline at ``pipeline_dir``, with ``components`` in place of its own. A component its
+    ``model_index.json`` lists as absent (``[null, null]``, as ``save_pretrained`` writes a ``None`` VAE) is passed
+    as None, which diffusers does not do by itself. A directory diffusers cannot load is one line."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = json.loads((Path(pipeline_dir) / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {Path(pipeline_dir) / 'model_index.json'}: {exc}") from None
+    absent = {name: None for name, entry in index.items()
+              if isinstance(entry, list) and len(entry) == 2 and entry[0] is None}
+    try:
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), use_safetensors=True,
+                                                     **{**absent, **components})
+    except Exception as exc:  # diffusers raises many types for a broken directory
+        raise CheckpointError(f"cannot load the diffusers pipeline at {pipeline_dir}: {exc}".splitlines()[0]) \
+            from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def record_pipeline(pipeline_dir: str | Path, family: ModelFamily, model_config: dict, *, prompts: list[str],
                     steps: int, guidance_scale: float, seed: int, batch_size: int,
                     transformer: torch.nn.Module | None = None) -> Recording:
     """Run the diffusers pipeline at ``pipeline_dir`` on ``prompts`` (``batch_size`` at a time, against the empty
     prompt) and record every transformer call. ``transformer``: the already loaded model (else the pipeline's own).
     The pipeline, with its text encoder, is released before returning."""
-    from diffusers import DiffusionPipeline
 
     from .progress import track
 
     pipeline_dir = Path(pipeline_dir)  # its text encoder was checked before the transformer was loaded
-    extra = {"transformer": transformer} if transformer is not None else {}
-    try:
-        with quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), vae=None, use_safetensors=True, **extra)
-    except Exception as exc:  # diffusers raises many types for a broken directory
-        raise CheckpointError(f"cannot load the diffusers pipeline at {pipeline_dir}: {exc}".splitlines()[0]) \
-            from None
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_user_pipeline(pipeline_dir, vae=None, **({"transformer": transformer} if transformer is not None
+                                                        else {}))
     signature = family.signature(model_config)
     recorder = _Recorder(signature)
     parameters = inspect.signature(pipe.transformer.forward)

@@ -166,13 +166,10 @@ def create_session(model_path: str | Path, provider: str = "auto", threads: int 
     (:func:`tensorrt_provider_options`). ``fp8_qdq``: the model keeps FP8 weight Q/DQ (tensorrt target), which
     ONNX Runtime's QDQ fusion mis-fuses into MatMulIntegerToFloat and then refuses to load (see
     ``lowering/cpu.py``); outside TensorRT those Q/DQ nodes then run unfused (``session.disable_quant_qdq``)."""
-    import onnxruntime as ort
-
     from .cpu import saturation_safe_options
 
     choice = resolve_provider(provider, target)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = quiet_session_options()
     if threads:
         options.intra_op_num_threads = threads
     saturation_safe_options(options, weight_range)
@@ -204,6 +201,25 @@ def tensorrt_provider_options(cache_dir: str | Path, *, int8: bool, fp16: bool =
         "trt_timing_cache_enable": True,
         "trt_timing_cache_path": str(cache_dir),
     }
+
+
+def quiet_onnxruntime_logging() -> None:
+    """ONNX Runtime's default logger to errors only. A session's graph transformers log through it (e.g.
+    "UnsqueezeElimination cannot remove node", a warning on every PixArt export), and a session's own
+    ``log_severity_level`` does not reach it."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+
+
+def quiet_session_options():
+    """``onnxruntime.SessionOptions`` that log errors only (:func:`quiet_onnxruntime_logging`)."""
+    import onnxruntime as ort
+
+    quiet_onnxruntime_logging()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return options
 
 
 def _open(model_path: str | Path, options, providers: list[str]):

@@ -66,7 +66,10 @@ def _export_graph(gm: fx.GraphModule, signature: Signature, inputs: tuple[torch.
 def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
+    from ditq_compiler.runtime import quiet_onnxruntime_logging
+
     graph = gs.import_onnx(model)
+    quiet_onnxruntime_logging()  # fold_constants opens its own ONNX Runtime session, with default options
     graph.fold_constants(should_exclude_node=lambda node: node.op in _KEEP_OPS, error_ok=True)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     cleaned = gs.export_onnx(graph)

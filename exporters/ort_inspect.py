@@ -77,11 +77,12 @@ def optimized_model(model_path: str | Path, provider: str = "CPUExecutionProvide
     """The graph ONNX Runtime runs after all its optimizations, for ``provider``."""
     import onnxruntime as ort
 
+    from ditq_compiler.runtime import quiet_session_options
+
     with tempfile.TemporaryDirectory(prefix="ditq-ort-") as tmp:
-        options = ort.SessionOptions()
+        options = quiet_session_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        options.log_severity_level = 3
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                          "optimized.onnx.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",

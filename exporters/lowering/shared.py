@@ -271,13 +271,14 @@ def model_feeds(model: onnx.ModelProto, inputs) -> dict[str, np.ndarray]:
 def _probe_one(model: onnx.ModelProto, batches: list[tuple]) -> dict[str, float]:
     import onnxruntime as ort
 
+    from ditq_compiler.runtime import quiet_session_options
+
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
     names = [info.name for info in inferred.graph.value_info if info.type.tensor_type.elem_type in float_types]
     names += [o.name for o in model.graph.output]
     ranges: dict[str, float] = {}
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = quiet_session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
     for start in range(0, len(names), _OUTPUTS_PER_RUN):
         chunk = names[start:start + _OUTPUTS_PER_RUN]
