@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tools"))
 import quality_rows as qr  # noqa: E402
-from common import machine_description, work_directory  # noqa: E402
+from common import machine_description, marked_blocks, work_directory  # noqa: E402
 from digits import load_digits_tensors  # noqa: E402
 from evaluator import (class_kernel_distance, features_and_logits, frechet_distance, jackknife_std,  # noqa: E402
                        load_classifier, psnr_jackknife, relative_l2)
@@ -117,7 +117,7 @@ def evaluate(rows: dict[str, Path], loaded, args):
     return results, samples_by_row, per_timestep
 
 
-def plot_timestep_error(per_timestep: dict, path: Path, steps: int) -> None:
+def plot_timestep_error(per_timestep: dict, path: Path, steps: int, sampler: str = "DDPM") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,14 +130,14 @@ def plot_timestep_error(per_timestep: dict, path: Path, steps: int) -> None:
     ax.set_ylabel("relative L2 error of the denoiser output vs FP32")
     ax.set_yscale("log")
     ax.invert_xaxis()
-    ax.set_title(f"per-timestep error on the FP32 trajectory ({steps} DDPM steps)")
+    ax.set_title(f"per-timestep error on the FP32 trajectory ({steps} {sampler} steps)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_samples(samples_by_row: dict, path: Path, steps: int, per_class: int = 1) -> None:
+def plot_samples(samples_by_row: dict, path: Path, steps: int, per_class: int = 1, sampler: str = "DDPM") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,7 +151,7 @@ def plot_samples(samples_by_row: dict, path: Path, steps: int, per_class: int = 
         ax.imshow(strip, cmap="gray", vmin=-1, vmax=1)
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle(f"same noise, classes 0-9, {steps} DDPM steps", fontsize=9)
+    fig.suptitle(f"same noise, classes 0-9, {steps} {sampler} steps", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -222,7 +222,9 @@ def write_report(results, per_timestep, failed: dict[str, str], args, out: Path,
     lines += ["", f"![per-timestep error]({args.out.stem}_timestep_error.png)", "",
               f"![samples, {args.steps[0]} steps]({args.out.stem}_samples.png)", ""]
     lines += findings(results, per_timestep, args)
-    out.write_text("\n".join(lines) + "\n")
+    for block in marked_blocks(out):  # sections other benchmarks write (the PixArt rows), kept as they are
+        lines += ["", *block]
+    out.write_text("\n".join(lines).rstrip("\n") + "\n")
 
 
 def baseline_of(label: str) -> str | None:

@@ -56,7 +56,7 @@ def graph_op_count(model_path: Path, op_type: str) -> int:
 
 
 def run(args) -> list[str]:
-    from ditq_compiler import Artifact, CalibrationConfig, CompileConfig
+    from ditq_compiler import CalibrationConfig, CompileConfig
     from ditq_compiler import compile as compile_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="ditq-bench-recipes-") as tmp:

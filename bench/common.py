@@ -35,15 +35,19 @@ def machine_description() -> str:
             f"torch {torch.__version__}")
 
 
-def export_fp32(model: torch.nn.Module, path: Path) -> None:
+def export_fp32(model: torch.nn.Module, path: Path, family=None, inputs: tuple[torch.Tensor, ...] | None = None
+                ) -> None:
+    """The float model as ONNX, by ditq's own tracer and exporter (DiT unless ``family`` is given; traced on the
+    family's example inputs unless ``inputs`` are given, e.g. a recorded call that fixes PixArt's text length)."""
     from ditq_compiler.exporters import export_onnx, save_onnx
     from ditq_compiler.families import DIT
     from ditq_compiler.tracing import trace_model
 
+    family = family or DIT
     config = dict(model.config)
-    inputs = DIT.example_inputs(config)
-    gm = trace_model(model, DIT, config, inputs)
-    save_onnx(export_onnx(gm, DIT.signature(config), inputs), path)
+    inputs = inputs if inputs is not None else family.example_inputs(config)
+    gm = trace_model(model, family, config, inputs)
+    save_onnx(export_onnx(gm, family.signature(config), inputs), path)
 
 
 def trajectory_batches(model: torch.nn.Module, scheduler_config: dict, *, steps: int, samples: int,

@@ -67,8 +67,10 @@ def make_tiny_vae(seed: int = 0):
                          latent_channels=4, norm_num_groups=8, sample_size=8).eval()
 
 
-def make_tiny_pixart_pipeline(variant: str = "alpha", seed: int = 0, with_encoder: bool = True, **overrides):
-    """A tiny PixArt-α (``variant="alpha"``) or PixArt-Σ (``"sigma"``) pipeline."""
+def make_tiny_pixart_pipeline(variant: str = "alpha", seed: int = 0, with_encoder: bool = True, with_vae: bool = True,
+                              **overrides):
+    """A tiny PixArt-α (``variant="alpha"``) or PixArt-Σ (``"sigma"``) pipeline. ``with_vae=False``: no VAE, as a
+    pixel-space model ships (give it ``in_channels=1, out_channels=2``)."""
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
 
     pipeline_class = PixArtAlphaPipeline if variant == "alpha" else PixArtSigmaPipeline
@@ -80,12 +82,12 @@ def make_tiny_pixart_pipeline(variant: str = "alpha", seed: int = 0, with_encode
     encoder, tokenizer = make_tiny_text_encoder(seed) if with_encoder else (None, None)
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001,
                                             beta_end=0.02, prediction_type="epsilon")
-    return pipeline_class(tokenizer=tokenizer, text_encoder=encoder, vae=make_tiny_vae(seed),
+    return pipeline_class(tokenizer=tokenizer, text_encoder=encoder, vae=make_tiny_vae(seed) if with_vae else None,
                           transformer=transformer, scheduler=scheduler)
 
 
 def save_tiny_pixart_pipeline(directory: Path, variant: str = "alpha", seed: int = 0, with_encoder: bool = True,
-                              **overrides) -> Path:
-    pipe = make_tiny_pixart_pipeline(variant, seed, with_encoder, **overrides)
+                              with_vae: bool = True, **overrides) -> Path:
+    pipe = make_tiny_pixart_pipeline(variant, seed, with_encoder, with_vae, **overrides)
     pipe.save_pretrained(str(directory), safe_serialization=True)
     return Path(directory)

@@ -1,9 +1,8 @@
 """PixArt-α/Σ end to end through the user's diffusers pipeline, on tiny pipelines built in code (pixart_fixtures).
 
 Calibration records the pipeline's transformer calls (text encoder, guidance against the empty prompt) and replays
-them; every format compiles with every recipe (PixArt-α, 3 timestep groups; PixArt-Σ, 1 group: every format with
-minmax and every recipe at w4a8), each artifact
-passes onnx.checker, ONNX Runtime fuses every quantized layer in every branch, and ONNX Runtime matches the torch
+them; every format compiles with every recipe (PixArt-α with 1 and 3 timestep groups; PixArt-Σ: every format with
+minmax at 1 and 3 groups, every recipe at w4a8), each artifact passes onnx.checker, ONNX Runtime fuses every quantized layer in every branch, and ONNX Runtime matches the torch
 fake-quant graph. The artifact drops into the pipeline as ``pipe.transformer`` and generates what the same pipeline
 generates with the torch graph. Bad input (no text encoder, random or mismatched recorded embeddings) is one line,
 exit code 2.
@@ -27,19 +26,21 @@ from pixart_fixtures import make_tiny_pixart_pipeline, save_tiny_pixart_pipeline
 
 FORMATS = ["w8a8", "w4a8", "fp8", "fp4"]
 RECIPES = ["minmax", "smoothquant", "ptq4dit", "htg", "vidit", "dilate"]
-# the variant each grid runs, and its timestep groups: 3 groups (branches, If dispatch) on α, 1 on Σ
-VARIANT_GROUPS = {"alpha": 3, "sigma": 1}
-# α: every format with every recipe; Σ (the same transformer class, another pipeline and text length): every format
-# with minmax and every recipe at w4a8, to keep the suite's time down (each case is a compile, ~15 s on 2 cores)
-GRID = ([("alpha", fmt, recipe) for fmt in FORMATS for recipe in RECIPES]
-        + [("sigma", fmt, "minmax") for fmt in FORMATS] + [("sigma", "w4a8", recipe) for recipe in RECIPES[1:]])
+VARIANTS = ("alpha", "sigma")
+# (variant, format, recipe, timestep groups). α: every format with every recipe, with 1 group and with 3 (branches
+# and If dispatch). Σ (the same transformer class behind another pipeline and text length): every format with
+# minmax at 1 and 3 groups, and every recipe at w4a8 with 1 group; each case is a compile (~10 s on 2 cores for
+# one group, ~25 s for three: each branch is exported on its own).
+GRID = ([("alpha", fmt, recipe, groups) for groups in (1, 3) for fmt in FORMATS for recipe in RECIPES]
+        + [("sigma", fmt, "minmax", groups) for groups in (1, 3) for fmt in FORMATS]
+        + [("sigma", "w4a8", recipe, 1) for recipe in RECIPES[1:]])
 CALIB_PROMPTS = ["a red fox in the snow", "a city at night, neon lights", "a bowl of ramen", "sunset"]
 
 
 @pytest.fixture(scope="session")
 def pixart_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pixart")
-    return {variant: save_tiny_pixart_pipeline(root / variant, variant) for variant in VARIANT_GROUPS}
+    return {variant: save_tiny_pixart_pipeline(root / variant, variant) for variant in VARIANTS}
 
 
 @pytest.fixture(scope="session")
@@ -95,10 +96,9 @@ def test_a_recording_holds_every_call_and_each_prompt_once(pixart_dirs, recordin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant, fmt, recipe", GRID)
-def test_every_format_and_recipe_compiles_fused_and_matches_torch(variant, fmt, recipe, pixart_dirs, recordings,
-                                                                  tmp_path_factory):
-    groups = VARIANT_GROUPS[variant]
+@pytest.mark.parametrize("variant, fmt, recipe, groups", GRID)
+def test_every_format_and_recipe_compiles_fused_and_matches_torch(variant, fmt, recipe, groups, pixart_dirs,
+                                                                  recordings, tmp_path_factory):
     artifact, result = _compiled(pixart_dirs, recordings, tmp_path_factory, variant, fmt, recipe, groups)
     onnx.checker.check_model(str(artifact.model_path), full_check=True)
     assert artifact.manifest["model"]["class"] == "PixArtTransformer2DModel"
@@ -184,6 +184,33 @@ def test_cli_record_compile_and_run_with_a_prompt(pixart_dirs, recordings, promp
     assert saved["images"].shape == (2, 8, 8, 3) and list(saved["prompts"]) == ["a red fox", "a city"]
     assert (tmp_path / "images_0.png").is_file() and (tmp_path / "images_1.png").is_file()
     assert "2 images" in capsys.readouterr().out
+
+
+def test_a_pipeline_without_vae_generates_pixels_and_a_latent_model_needs_one(pixart_dirs, recordings,
+                                                                              prompts_file, tmp_path_factory,
+                                                                              tmp_path, capsys):
+    """A pixel-space model ships without a VAE (``model_index.json`` lists it as ``[null, null]``, as ditq's reference
+    PixArt does): the pipeline loads with ``vae=None`` for calibration and for ``ditq run``, and its latents, in
+    [-1, 1], are the images (grayscale PNGs). A latent-space model's pipeline without a VAE is refused in one line."""
+    pixels = save_tiny_pixart_pipeline(tmp_path / "pixels", "alpha", with_vae=False, in_channels=1, out_channels=2)
+    assert json.loads((pixels / "model_index.json").read_text())["vae"] == [None, None]
+    out = tmp_path / "artifact"
+    assert main(["compile", str(pixels), "-o", str(out), "--prompts", str(prompts_file), "--calib-steps", "2",
+                 "--calib-samples", "2"]) == 0
+    assert main(["run", str(out), "--prompt", "a red fox", "sunset", "--steps", "3", "-o",
+                 str(tmp_path / "images.npz")]) == 0
+    images = np.load(tmp_path / "images.npz")["images"]
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+    from PIL import Image
+
+    assert Image.open(tmp_path / "images_0.png").mode == "L"
+    latent_without_vae = tmp_path / "no-vae"
+    save_tiny_pixart_pipeline(latent_without_vae, "alpha", with_vae=False)
+    artifact, _ = _compiled(pixart_dirs, recordings, tmp_path_factory, "alpha", "w8a8", "minmax", 1)
+    capsys.readouterr()
+    assert main(["run", str(artifact.path), "--prompt", "a cat", "--pipeline", str(latent_without_vae), "-o",
+                 str(tmp_path / "x.npz")]) == 2
+    assert "has no VAE to decode the model's 4-channel latents" in _one_line_error(capsys)
 
 
 def _one_line_error(capsys) -> str:
