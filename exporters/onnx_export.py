@@ -40,13 +40,70 @@ def export_onnx(module, signature: Signature, inputs: tuple[torch.Tensor, ...]) 
             return _export_graph(graphs[0], signature, inputs)
         from .branches import stitch_group_branches
 
-        branches = [_export_graph(gm, signature, inputs) for gm in graphs]
+        branches = _export_branches(graphs, signature, inputs)
         return stitch_group_branches(branches, [group.end for group in module.groups], module.tensor_sharing(),
                                      signature, first_timestep=module.groups[0].start)
     return _export_graph(module, signature, inputs)
 
 
+def _export_branches(graphs: list[fx.GraphModule], signature: Signature, inputs: tuple[torch.Tensor, ...]
+                     ) -> list[onnx.ModelProto]:
+    """Every group's graph as ONNX. ``torch.onnx.export`` takes seconds per graph and the branches of a grouped
+    module are usually one graph over other tensors (each group's activation scales and folded weights), so
+    the first branch is exported once and each other branch whose code is the same reuses that export with its
+    own tensors put in (:func:`_with_branch_tensors`); a branch that differs is exported on its own."""
+    raw = _export_raw(graphs[0], signature, inputs)
+    branches = [clean_graph(raw)]
+    for gm in graphs[1:]:
+        reused = _with_branch_tensors(raw, graphs[0], gm)
+        branches.append(clean_graph(reused) if reused is not None else _export_graph(gm, signature, inputs))
+    return branches
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _with_branch_tensors(raw: onnx.ModelProto, exported: fx.GraphModule, other: fx.GraphModule
+                         ) -> onnx.ModelProto | None:
+    """``raw`` (the export of ``exported``, before clean-up) with ``other``'s tensors in place of ``exported``'s, or
+    None where that would not be ``other``'s own export. Checked, not assumed: the two graphs' code is the same;
+    every ``get_attr`` tensor that differs between them is an initializer named after its target whose bytes are
+    ``exported``'s tensor's (so the name maps to that tensor), with ``other``'s of the same dtype and shape; every
+    other initializer is a constant of the code, the same for both."""
+    from ..grouped import get_tensor
+
+    if exported.code != other.code:
+        return None
+    initializers = {init.name: init for init in raw.graph.initializer}
+    replaced: dict[str, bytes] = {}
+    for target in dict.fromkeys(n.target for n in other.graph.nodes if n.op == "get_attr"):
+        mine, theirs = get_tensor(exported, target), get_tensor(other, target)
+        if theirs is mine:
+            continue
+        if not (isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor)
+                and mine.dtype == theirs.dtype and mine.shape == theirs.shape):
+            return None
+        init = initializers.get(target)
+        if init is None or init.data_location == onnx.TensorProto.EXTERNAL or init.raw_data != _tensor_bytes(mine):
+            if torch.equal(mine, theirs):
+                continue  # equal values: whatever the exporter made of it is the same for both
+            return None
+        replaced[target] = _tensor_bytes(theirs)
+    model = onnx.ModelProto()
+    model.CopyFrom(raw)
+    for init in model.graph.initializer:
+        if init.name in replaced:
+            init.raw_data = replaced[init.name]
+    return model
+
+
 def _export_graph(gm: fx.GraphModule, signature: Signature, inputs: tuple[torch.Tensor, ...]) -> onnx.ModelProto:
+    return clean_graph(_export_raw(gm, signature, inputs))
+
+
+def _export_raw(gm: fx.GraphModule, signature: Signature, inputs: tuple[torch.Tensor, ...]) -> onnx.ModelProto:
+    """``torch.onnx.export`` of ``gm``, before :func:`clean_graph`."""
     quiet = io.StringIO()
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
         warnings.simplefilter("ignore")
@@ -60,14 +117,16 @@ def _export_graph(gm: fx.GraphModule, signature: Signature, inputs: tuple[torch.
             )
         finally:
             logging.getLogger("torch.onnx").setLevel(previous)
-    return clean_graph(program.model_proto)
+    return program.model_proto
 
 
 def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.logger import G_LOGGER
 
     from ditq_compiler.runtime import quiet_onnxruntime_logging
 
+    G_LOGGER.severity = G_LOGGER.ERROR  # its warnings ("colored module is not installed", FP8 has no NumPy type)
     graph = gs.import_onnx(model)
     quiet_onnxruntime_logging()  # fold_constants opens its own ONNX Runtime session, with default options
     graph.fold_constants(should_exclude_node=lambda node: node.op in _KEEP_OPS, error_ok=True)

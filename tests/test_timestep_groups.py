@@ -1,5 +1,7 @@
 """Timestep grouping (uniform and HTG) and per-group branches in the artifact."""
 
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -146,3 +148,35 @@ def test_out_of_range_timestep_is_nan_in_the_graph_and_an_error_in_the_runtime(g
         artifact.denoise(x.numpy(), np.array([5, 1000, 0]), y.numpy(), provider="cpu")
     with pytest.raises(TimestepError):
         result.graph_module(x, torch.tensor([5, 1000, 0]), y)
+
+
+def test_branches_of_one_code_are_exported_once_with_their_own_tensors(grouped):
+    """The grouped export runs ``torch.onnx.export`` once and puts each other branch's tensors into it: the result
+    is byte-for-byte what exporting every branch on its own gives. A branch whose code, or a differing tensor's
+    shape, is not the first branch's is not reused (it is exported on its own)."""
+    from ditq_compiler.exporters import onnx_export
+    from ditq_compiler.exporters.branches import stitch_group_branches
+    from ditq_compiler.grouped import get_tensor, set_tensor
+
+    _, result, _ = grouped
+    module, context = result.graph_module, result.context
+    signature, inputs = context.signature, context.export_inputs()
+    graphs = module.graph_modules()
+    raw = onnx_export._export_raw(graphs[0], signature, inputs)
+    assert all(onnx_export._with_branch_tensors(raw, graphs[0], gm) is not None for gm in graphs[1:])
+    each_alone = stitch_group_branches([onnx_export._export_graph(gm, signature, inputs) for gm in graphs],
+                                       [group.end for group in module.groups], module.tensor_sharing(), signature,
+                                       first_timestep=module.groups[0].start)
+    assert onnx_export.export_onnx(module, signature, inputs).SerializeToString() == each_alone.SerializeToString()
+
+    other = copy.deepcopy(graphs[1])
+    scale = next(n.target for n in other.graph.nodes if n.op == "get_attr" and n.target.endswith("input_scale")
+                 and get_tensor(other, n.target) is not get_tensor(graphs[0], n.target))
+    set_tensor(other, scale, torch.ones(2))  # another shape: not the same export
+    assert onnx_export._with_branch_tensors(raw, graphs[0], other) is None
+    other = copy.deepcopy(graphs[1])
+    sample = next(n for n in other.graph.nodes if n.op == "placeholder")
+    with other.graph.inserting_after(sample):
+        other.graph.call_function(torch.ops.aten.neg.default, (sample,))
+    other.recompile()  # other code
+    assert onnx_export._with_branch_tensors(raw, graphs[0], other) is None
