@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .grouped import get_tensor
-from .qspec import PROVENANCE_KEY, ROTATION_KEY, SMOOTHING_KEY, InputSmoothing
+from .qspec import OUTPUT_ROWS_KEY, PROVENANCE_KEY, ROTATION_KEY, SMOOTHING_KEY, InputSmoothing, OutputRows
 from .quant_ops import dequantize, quantize
 
 
@@ -32,6 +32,7 @@ class LayerQuantization:
     rotation_block: int | None = None  # the input is Hadamard-rotated first (passes/rotation.py)
     grid: tuple[torch.Tensor, str] | None = None  # fp4: (grid scale, grid) the input is rounded onto first
     dynamic_block: int | None = None  # --act dynamic: quantized at run time (0: per tensor, B: per token block)
+    output_rows: OutputRows | None = None  # a fold rescaled the output rows: mapped back to the float layer's
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotation_block:
@@ -48,7 +49,8 @@ class LayerQuantization:
             x = dequantize(quantize(x, self.input_scale, self.input_zero_point, 0), self.input_scale,
                            self.input_zero_point, 0)
         y = x @ self.weight
-        return y + self.bias if self.bias is not None else y
+        y = y + self.bias if self.bias is not None else y
+        return self.output_rows.undo(y) if self.output_rows is not None else y
 
 
 def _value(gm, node) -> torch.Tensor:
@@ -79,7 +81,8 @@ def quantized_layers(gm) -> dict[str, LayerQuantization]:
                 grid = (get_tensor(gm, rounded.args[1].target), rounded.args[2])
         dynamic = x_dq.args[1] if x_dq.meta.get(PROVENANCE_KEY, {}).get("role") == "input_dynamic" else None
         layers[provenance["layer"]] = LayerQuantization(scale, zero, weight, bias, node.meta.get(SMOOTHING_KEY),
-                                                        node.meta.get(ROTATION_KEY), grid, dynamic)
+                                                        node.meta.get(ROTATION_KEY), grid, dynamic,
+                                                        node.meta.get(OUTPUT_ROWS_KEY))
     return layers
 
 

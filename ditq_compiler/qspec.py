@@ -29,6 +29,7 @@ PROVENANCE_KEY = "ditq.provenance"
 SMOOTHING_KEY = "ditq.input_smoothing"
 LAYER_KEY = "ditq.layer_key"
 ROTATION_KEY = "ditq.input_rotation"  # Hadamard block size a layer's input was rotated with
+OUTPUT_ROWS_KEY = "ditq.output_rows"  # how a fold rescaled a layer's output rows (OutputRows)
 ATTENTION_KEY = "ditq.attention_spec"
 ATTENTION_PARAMS_KEY = "ditq.attention_params"
 
@@ -224,6 +225,33 @@ class InputSmoothing:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.shift if self.shift is not None else x) / self.scale
+
+
+@dataclass(frozen=True)
+class OutputRows:
+    """A fold rescaled the layer's output rows: it now computes ``y' = y * gain + offset`` (per output channel)
+    where the float layer computed ``y`` (the V fold and the producer fold: ``(y - z)/s``; an adaLN fold on its
+    scale rows ``(1 + y)/s - 1`` and shift rows ``(y - z)/s``). Error analysis maps the quantized layer's output
+    back with :meth:`undo` to compare it with the float layer's."""
+
+    gain: torch.Tensor  # [out_features], float64
+    offset: torch.Tensor  # [out_features], float64
+
+    @classmethod
+    def identity(cls, rows: int) -> "OutputRows":
+        return cls(torch.ones(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64))
+
+    def then(self, rows: slice, gain: torch.Tensor, offset: torch.Tensor | float) -> "OutputRows":
+        """Compose with ``y'' = y' * gain + offset`` on ``rows``: ``y * g1 g2 + (o1 g2 + o2)``."""
+        new_gain, new_offset = self.gain.clone(), self.offset.clone()
+        gain = gain.to(torch.float64)
+        offset = offset.to(torch.float64) if isinstance(offset, torch.Tensor) else offset
+        new_gain[rows] = self.gain[rows] * gain
+        new_offset[rows] = self.offset[rows] * gain + offset
+        return OutputRows(new_gain, new_offset)
+
+    def undo(self, y: torch.Tensor) -> torch.Tensor:
+        return (y - self.offset.to(y.dtype)) / self.gain.to(y.dtype)
 
 
 def quantize_params_from_range(lo: float, hi: float, spec: QuantizerSpec) -> ActivationParams:

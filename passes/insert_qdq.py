@@ -42,7 +42,8 @@ import torch
 from ..errors import PassPreconditionError
 from ..grouped import TensorMemo, get_tensor
 from ..pass_manager import BranchPass, BranchResult
-from ..qspec import PARAMS_KEY, PROVENANCE_KEY, ROTATION_KEY, SMOOTHING_KEY, SPEC_KEY, quantize_bias_int32
+from ..qspec import (OUTPUT_ROWS_KEY, PARAMS_KEY, PROVENANCE_KEY, ROTATION_KEY, SMOOTHING_KEY, SPEC_KEY,
+                     quantize_bias_int32)
 from ..quantizers import activation_qdq, quantize_weight, weight_dequantize_scale
 
 _QUANTIZE = torch.ops.ditq.quantize.default
@@ -175,7 +176,8 @@ class InsertQuantDequant(BranchPass):
                                                 module_role=spec.role,
                                                 activation="dynamic" if act is not None and spec.activation.dynamic
                                                 else "static")
-                for key in (ROTATION_KEY, SMOOTHING_KEY):  # what the layer's input went through, for error analysis
+                # what the layer's input went through and how a fold rescaled its output rows, for error analysis
+                for key in (ROTATION_KEY, SMOOTHING_KEY, OUTPUT_ROWS_KEY):
                     if key in node.meta:
                         out.meta[key] = node.meta[key]
                 if bias_node is not None:

