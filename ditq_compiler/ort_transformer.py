@@ -91,7 +91,7 @@ class OrtTransformer(torch.nn.Module):
         bound.pop("return_dict", None)
         inputs = []
         for spec in self.signature.inputs:
-            value = bound.pop(spec.kwarg, None)
+            value = spec.value_in(bound)
             if value is None:
                 raise ArtifactError(f"the pipeline did not pass {spec.kwarg}, which the compiled transformer takes")
             value = torch.as_tensor(value)
@@ -103,6 +103,8 @@ class OrtTransformer(torch.nn.Module):
                     raise ArtifactError(f"{spec.kwarg} has size {int(size)} in dim {dim}, the artifact was compiled "
                                         f"for {want}{hint}")
             inputs.append(value.detach().cpu())
+        for keyword in self.signature.forward_keywords:  # taken whole, dict keywords included
+            bound.pop(keyword, None)
         for name, value in bound.items():
             if value is None or (name in _NEUTRAL_KEYWORDS and isinstance(value, dict)
                                  and all(v is None for v in value.values())):

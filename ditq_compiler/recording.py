@@ -194,6 +194,16 @@ def load_user_pipeline(pipeline_dir: Path, **components):
         raise CheckpointError(f"cannot load the diffusers pipeline at {pipeline_dir}: {exc}".splitlines()[0]) \
             from None
     pipe.set_progress_bar_config(disable=True)
+    vae_config = Path(pipeline_dir) / "vae" / "config.json"
+    if getattr(pipe, "vae", None) is None and vae_config.is_file() and hasattr(pipe, "vae_scale_factor"):
+        # Without its VAE a pipeline takes the scale factor for 8 and derives the image size it passes on (PixArt-α
+        # 1024's resolution input) from it: give it the VAE's own, from the config alone.
+        try:
+            levels = len(json.loads(vae_config.read_text())["block_out_channels"])
+        except (OSError, ValueError, KeyError, TypeError):
+            levels = None
+        if levels:
+            pipe.vae_scale_factor = 2 ** (levels - 1)
     return pipe
 
 
@@ -215,7 +225,7 @@ def record_pipeline(pipeline_dir: str | Path, family: ModelFamily, model_config:
 
     def hook(module, args, kwargs):
         bound = parameters.bind_partial(*args, **kwargs).arguments
-        recorder.add(tuple(bound[spec.kwarg] for spec in signature.inputs))
+        recorder.add(tuple(spec.value_in(bound) for spec in signature.inputs))
 
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     batches = [prompts[start:start + batch_size] for start in range(0, len(prompts), batch_size)]

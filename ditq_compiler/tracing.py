@@ -24,8 +24,12 @@ MAX_BATCH = 4096
 def batch_dynamic_shapes(signature: Signature, *, by: str = "name") -> dict:
     """``torch.export`` dynamic shapes for a signature: dim 0 of every input is the batch. ``by="name"`` keys them
     by input name (the GraphModule's placeholders), ``by="kwarg"`` by the diffusers forward's keywords."""
+    from .families.base import nest
+
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    return {getattr(spec, by): {0: batch} for spec in signature.inputs}
+    if by == "kwarg":  # nested as the keywords are (a dict keyword's entries)
+        return nest({spec.kwarg_path: {0: batch} for spec in signature.inputs})
+    return {spec.name: {0: batch} for spec in signature.inputs}
 
 
 def trace_model(model: torch.nn.Module, family: ModelFamily, model_config: dict, inputs: tuple[torch.Tensor, ...], *,
@@ -50,11 +54,11 @@ def trace_model(model: torch.nn.Module, family: ModelFamily, model_config: dict,
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
     placeholders = {node.target: node for node in graph.nodes if node.op == "placeholder"}
-    by_kwarg = {spec.kwarg: spec.name for spec in signature.inputs}
+    exported_names = {spec.exported_name for spec in signature.inputs}
     for target, node in placeholders.items():
-        if target not in by_kwarg:
+        if target not in exported_names:
             graph.erase_node(node)
-    ordered = [placeholders[spec.kwarg] for spec in signature.inputs]
+    ordered = [placeholders[spec.exported_name] for spec in signature.inputs]
     anchor = next(node for node in graph.nodes if node.op != "placeholder")
     for node, spec in zip(ordered, signature.inputs):  # signature order, whatever the forward's order is
         anchor.prepend(node)

@@ -177,10 +177,21 @@ def test_without_the_squeeze_clean_up_onnx_runtime_rejects_pixart():
         ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def test_pixart_with_additional_conditions_is_refused_with_one_line():
-    from ditq_compiler.errors import CheckpointError
+def test_pixart_alpha_1024_signature_takes_resolution_and_aspect_ratio():
+    """``use_additional_conditions`` (diffusers: on at sample size 128 unless the config says otherwise) adds the
+    ``added_cond_kwargs`` entries as inputs of role ``size``, nested back as the forward takes them."""
     from ditq_compiler.families.pixart import PIXART
 
-    config = dict(make_tiny_pixart().config, use_additional_conditions=True)
-    with pytest.raises(CheckpointError, match="use_additional_conditions .* not supported yet"):
-        PIXART.build_model(config, "tiny")
+    base = dict(make_tiny_pixart().config)
+    assert PIXART.signature(base).names == ("sample", "encoder_hidden_states", "timestep", "encoder_attention_mask")
+    for config in (dict(base, use_additional_conditions=True), dict(base, use_additional_conditions=None,
+                                                                    sample_size=128)):
+        signature = PIXART.signature(config)
+        assert signature.names[-2:] == ("resolution", "aspect_ratio") and signature.spec("size").name == "resolution"
+        inputs = PIXART.example_inputs(config, batch=2)
+        kwargs = signature.kwargs(inputs)
+        assert set(kwargs["added_cond_kwargs"]) == {"resolution", "aspect_ratio"}
+        assert kwargs["added_cond_kwargs"]["aspect_ratio"].shape == (2, 1)
+        assert signature.spec("size").value_in(kwargs) is inputs[4]
+        PIXART.build_model(config, "tiny")  # no longer refused
+    assert not PIXART.takes_sizes(dict(base, use_additional_conditions=False, sample_size=128))

@@ -174,6 +174,42 @@ def test_the_artifact_is_a_drop_in_for_pipe_transformer(pixart_dirs, recordings,
                          timestep=timestep)
 
 
+def test_pixart_alpha_1024_takes_its_resolution_and_aspect_ratio(prompts_file, tmp_path):
+    """PixArt-α 1024 (sample size 128: ``use_additional_conditions``) takes ``added_cond_kwargs`` (resolution and
+    aspect ratio): two more inputs of role ``size``, recorded from the pipeline, traced as the dict's entries, and
+    taken back from the pipeline's ``added_cond_kwargs`` by the drop-in. Tiny: patch 8, so 128x128 latents are 256
+    tokens."""
+    from diffusers import DiffusionPipeline
+
+    from ditq_compiler.pipeline import compile_with_result
+
+    directory = save_tiny_pixart_pipeline(tmp_path / "alpha-1024", "alpha", sample_size=128, patch_size=8,
+                                          use_additional_conditions=None)  # diffusers: on at sample size 128
+    config = CompileConfig(calibration=CalibrationConfig(steps=3, samples=2, prompts=str(prompts_file)))
+    artifact, result = compile_with_result(directory, tmp_path / "artifact", config)
+    assert list(artifact.manifest["inputs"])[-2:] == ["resolution", "aspect_ratio"]
+    assert artifact.manifest["inputs"]["resolution"]["kwarg"] == "added_cond_kwargs.resolution"
+    assert artifact.manifest["fusion"]["unfused"] == {}
+    resolution = result.context.check_inputs[4]
+    assert resolution.shape == (2, 2) and bool((resolution == 128).all())  # the pipeline's image size, recorded
+
+    pipe = DiffusionPipeline.from_pretrained(str(directory))
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        return pipe(prompt=["a red fox in the snow"], num_inference_steps=3, generator=torch.Generator().manual_seed(3),
+                    output_type="np", clean_caption=False, use_resolution_binning=False).images
+
+    pipe.transformer = OrtTransformer.from_graph(result.graph_module, result.context.family, result.context.model_config)
+    torch_images = generate()
+    pipe.transformer = OrtTransformer.from_artifact(artifact.path, provider="cpu")
+    ort_images = generate()
+    assert ort_images.shape == (1, 128, 128, 3) and np.abs(ort_images - torch_images).max() <= 1e-4
+    latent, text, timestep, mask, _, _ = result.context.check_inputs
+    with pytest.raises(Exception, match="did not pass added_cond_kwargs.resolution"):
+        pipe.transformer(latent, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=timestep)
+
+
 def test_cli_record_compile_and_run_with_a_prompt(pixart_dirs, recordings, prompts_file, tmp_path, capsys):
     out = tmp_path / "artifact"
     assert main(["compile", str(pixart_dirs["sigma"] / "transformer"), "-o", str(out), "--calib-steps", "3",

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 # What a denoiser input does; families use a subset.
-ROLES = ("latent", "timestep", "text", "mask", "pooled", "class", "ids", "guidance")
+ROLES = ("latent", "timestep", "text", "mask", "pooled", "class", "ids", "guidance", "size")
 
 DenoiseFn = Callable[..., torch.Tensor]  # denoise(*inputs in signature order) -> output
 
@@ -38,8 +38,9 @@ DenoiseFn = Callable[..., torch.Tensor]  # denoise(*inputs in signature order) -
 @dataclass(frozen=True)
 class InputSpec:
     """One denoiser input: its name in the fx graph and the ONNX model, the diffusers forward's keyword it is
-    passed as, its dtype (a numpy dtype name), its dims (``"batch"`` is the dynamic batch; other strings are
-    named, fixed at compile time) and its role."""
+    passed as (a dotted path for an entry of a dict keyword: ``added_cond_kwargs.resolution``), its dtype (a numpy
+    dtype name), its dims (``"batch"`` is the dynamic batch; other strings are named, fixed at compile time) and
+    its role (``size``: a micro-condition such as PixArt-α 1024's resolution and aspect ratio)."""
 
     name: str
     kwarg: str
@@ -54,6 +55,24 @@ class InputSpec:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+    @property
+    def kwarg_path(self) -> tuple[str, ...]:
+        return tuple(self.kwarg.split("."))
+
+    @property
+    def exported_name(self) -> str:
+        """The placeholder ``torch.export`` gives this keyword (a dict entry's path joined with ``_``)."""
+        return "_".join(self.kwarg_path)
+
+    def value_in(self, arguments: dict):
+        """This input's value in a forward's bound ``arguments`` (None where it, or its dict, is absent)."""
+        value = arguments
+        for key in self.kwarg_path:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(key)
+        return value
 
     def to_manifest(self) -> dict:
         return {"dtype": self.dtype, "shape": list(self.shape), "role": self.role, "kwarg": self.kwarg}
@@ -92,9 +111,14 @@ class Signature:
         return {spec.name: np.ascontiguousarray(_numpy(value), dtype=spec.dtype)
                 for spec, value in zip(self.inputs, values)}
 
-    def kwargs(self, values) -> dict[str, torch.Tensor]:
-        """The diffusers forward's keyword arguments for ``values`` in signature order."""
-        return {spec.kwarg: value for spec, value in zip(self.inputs, values)}
+    def kwargs(self, values) -> dict:
+        """The diffusers forward's keyword arguments for ``values`` in signature order (dict keywords nested)."""
+        return nest({spec.kwarg_path: value for spec, value in zip(self.inputs, values)})
+
+    @property
+    def forward_keywords(self) -> tuple[str, ...]:
+        """The forward's top-level keywords the inputs are passed in."""
+        return tuple(dict.fromkeys(spec.kwarg_path[0] for spec in self.inputs))
 
     def rows(self, values, rows) -> tuple:
         """The same inputs restricted to some batch rows."""
@@ -112,6 +136,17 @@ class Signature:
                       for name, record in inputs.items())
         (output, record), = outputs.items()
         return Signature(specs, output, tuple(record.get("shape", ["batch"])))
+
+
+def nest(by_path: dict[tuple[str, ...], object]) -> dict:
+    """``{("a",): 1, ("b", "c"): 2}`` -> ``{"a": 1, "b": {"c": 2}}``."""
+    nested: dict = {}
+    for path, value in by_path.items():
+        level = nested
+        for key in path[:-1]:
+            level = level.setdefault(key, {})
+        level[path[-1]] = value
+    return nested
 
 
 def _numpy(value) -> np.ndarray:

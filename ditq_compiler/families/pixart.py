@@ -3,8 +3,9 @@
 Signature ``(sample [B, C, H, W] float32, encoder_hidden_states [B, L, D_text] float32, timestep [B] int64,
 encoder_attention_mask [B, L] int64) -> out [B, C_out, H, W]``: the latents, the text encoder's hidden states
 and its attention mask (1 for a token, 0 for padding, as the tokenizer gives it), and integer timesteps
-``0..T-1``. The α-1024 variant's ``added_cond_kwargs`` (resolution, aspect ratio) are not in the signature yet,
-so a model with ``use_additional_conditions`` is refused.
+``0..T-1``. The α-1024 variant (``use_additional_conditions``, on by default at sample size 128) also takes
+``added_cond_kwargs``: ``resolution [B, 2]`` (height and width in pixels) and ``aspect_ratio [B, 1]`` float32, two
+more inputs of role ``size`` whose keywords are the dict's entries (``added_cond_kwargs.resolution``).
 
 Export clean-up: PixArt's forward ends with ``output.squeeze(1)`` on a tensor whose dim 1 is the token count,
 a no-op in torch that ``torch.onnx`` writes as a ``Squeeze`` ONNX Runtime rejects (the dim is not 1). Such
@@ -89,19 +90,27 @@ class PixArtFamily(ModelFamily):
             model = PixArtTransformer2DModel.from_config(config)
         except Exception as exc:
             raise CheckpointError(f"{where}: invalid PixArtTransformer2DModel config: {exc}") from None
-        if model.config.use_additional_conditions:
-            raise CheckpointError(f"{where}: a PixArt model with use_additional_conditions (PixArt-α 1024: resolution "
-                                  "and aspect-ratio inputs) is not supported yet")
         return model
 
+    @staticmethod
+    def takes_sizes(model_config: dict) -> bool:
+        """PixArt-α 1024's resolution and aspect-ratio inputs: diffusers turns them on at sample size 128 unless
+        the config says otherwise."""
+        flag = model_config.get("use_additional_conditions")
+        return int(model_config.get("sample_size", 0)) == 128 if flag is None else bool(flag)
+
     def signature(self, model_config: dict) -> Signature:
+        sizes = (InputSpec("resolution", "added_cond_kwargs.resolution", "float32", ("batch", 2), "size"),
+                 InputSpec("aspect_ratio", "added_cond_kwargs.aspect_ratio", "float32", ("batch", 1), "size")) \
+            if self.takes_sizes(model_config) else ()
         return Signature(
             (InputSpec("sample", "hidden_states", "float32", ("batch", "channels", "height", "width"), "latent"),
              InputSpec("encoder_hidden_states", "encoder_hidden_states", "float32",
                        ("batch", "text_tokens", "caption_channels"), "text"),
              InputSpec("timestep", "timestep", "int64", ("batch",), "timestep"),
              InputSpec("encoder_attention_mask", "encoder_attention_mask", "int64", ("batch", "text_tokens"),
-                       "mask")),
+                       "mask"),
+             *sizes),
             output="out", output_shape=("batch", "out_channels", "height", "width"))
 
     def example_inputs(self, model_config: dict, batch: int = 2, seed: int = 0,
@@ -113,7 +122,10 @@ class PixArtFamily(ModelFamily):
         timestep = torch.randint(0, 1000, (batch,), generator=generator, dtype=torch.int64)
         lengths = torch.randint(1, text_tokens + 1, (batch,), generator=generator)
         mask = (torch.arange(text_tokens)[None, :] < lengths[:, None]).to(torch.int64)
-        return sample, text, timestep, mask
+        if not self.takes_sizes(model_config):
+            return sample, text, timestep, mask
+        pixels = float(size * 8)  # the pipeline passes the image size in pixels (latents x 8)
+        return (sample, text, timestep, mask, torch.full((batch, 2), pixels), torch.ones((batch, 1)))
 
     def export_cleanups(self):
         return (drop_noop_squeezes,)
