@@ -319,6 +319,7 @@ def test_run_asks_a_text_model_for_prompts_and_a_class_model_for_labels(pixart_d
                                                                        prompts_file, tmp_path_factory, tmp_path,
                                                                        capsys):
     artifact, _ = _compiled(pixart_dirs, recordings, tmp_path_factory, "sigma", "w8a8", "minmax", 1)
+    capsys.readouterr()  # the compile's progress, where this test compiled it
     assert main(["run", str(artifact.path), "--class-labels", "1", "-o", str(tmp_path / "x.npz")]) == 2
     assert "takes --prompt, not --class-labels" in _one_line_error(capsys)
     assert main(["run", str(compiled_tiny[0].path), "--prompt", "a cat", "-o", str(tmp_path / "y.npz")]) == 2
