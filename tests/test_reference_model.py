@@ -1,4 +1,5 @@
-"""Regression guard on the bundled reference DiT: the W8A8 artifact must stay consistent with FP.
+"""Regression guard on the bundled reference models (the DiT, and the PixArt through its pipeline): the W8A8
+artifact must stay consistent with FP.
 
 A regression in any pass (a wrong scale, a lost layer, a bad fold) shows here as a PSNR drop.
 """
@@ -50,8 +51,10 @@ def test_w8a8_reference_artifact_stays_consistent_with_fp(reference_artifact):
 REFERENCE_PIXART = REFERENCE_MODEL.parent / "pixart-digits"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PIXART_STEPS = 20
-# measured when the test was written (see the test): the mean PSNR of W8A8 vs FP over seeds 0-1, and FP's accuracy
-PIXART_MIN_PSNR_DB = 0.0
+# W8A8 minmax vs FP through the pipeline, 20 DPM-Solver++ steps, guidance 4.5, mean over seeds 0-1: 38.45 dB when the
+# test was written (38.25, 38.65); the guard leaves 5 dB for the chaos of one rounding flip amplified over the steps
+# (see above), far less than a broken pass costs. FP's classifier accuracy on the 20 samples was 100%.
+PIXART_MIN_PSNR_DB = 33.0
 PIXART_MIN_ACCURACY = 0.9
 
 

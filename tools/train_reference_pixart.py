@@ -10,7 +10,7 @@ The text encoder is a tiny T5 encoder built from a transformers config with seed
 trained: the captions ("a handwritten seven", "the digit 7", ...) only need distinct, fixed embeddings. Real T5
 hidden states carry a few channels 50-100x the median channel; a random encoder's do not, so four channels of
 its final RMSNorm weight are set large to give the embeddings the same shape of outliers (channel max/median
-of |embedding| about 40). The tokenizer is word-level over the captions' words.
+of |embedding| about 50). The tokenizer is word-level over the captions' words.
 
     python tools/train_reference_pixart.py --out models/pixart-digits --steps 6000 --seed 0
 
