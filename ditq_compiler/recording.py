@@ -225,7 +225,12 @@ def record_pipeline(pipeline_dir: str | Path, family: ModelFamily, model_config:
 
     def hook(module, args, kwargs):
         bound = parameters.bind_partial(*args, **kwargs).arguments
-        recorder.add(tuple(spec.value_in(bound) for spec in signature.inputs))
+        values = tuple(spec.value_in(bound) for spec in signature.inputs)
+        missing = [spec.kwarg for spec, value in zip(signature.inputs, values) if value is None]
+        if missing:
+            raise ConfigError(f"the pipeline at {pipeline_dir} did not pass {', '.join(missing)} to its transformer, "
+                              "which the model takes")
+        recorder.add(values)
 
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     batches = [prompts[start:start + batch_size] for start in range(0, len(prompts), batch_size)]
