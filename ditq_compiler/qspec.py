@@ -231,24 +231,25 @@ class InputSmoothing:
 class OutputRows:
     """A fold rescaled the layer's output rows: it now computes ``y' = y * gain + offset`` (per output channel)
     where the float layer computed ``y`` (the V fold and the producer fold: ``(y - z)/s``; an adaLN fold on its
-    scale rows ``(1 + y)/s - 1`` and shift rows ``(y - z)/s``). Error analysis maps the quantized layer's output
-    back with :meth:`undo` to compare it with the float layer's."""
+    scale rows ``(1 + y)/s - 1`` and shift rows ``(y - z)/s``). The fold applies it to the weight and bias
+    (``passes/smoothing.rescale_output_rows``) and error analysis maps the quantized layer's output back with
+    :meth:`undo` to compare it with the float layer's."""
 
     gain: torch.Tensor  # [out_features], float64
     offset: torch.Tensor  # [out_features], float64
 
     @classmethod
-    def identity(cls, rows: int) -> "OutputRows":
-        return cls(torch.ones(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64))
+    def on_rows(cls, size: int, *changes: tuple[slice, torch.Tensor, torch.Tensor | float]) -> "OutputRows":
+        """``y * gain + offset`` on each change's rows (``(rows, gain, offset)``), ``y`` on the others."""
+        gain, offset = torch.ones(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64)
+        for rows, row_gain, row_offset in changes:
+            gain[rows] = row_gain.to(torch.float64)
+            offset[rows] = row_offset.to(torch.float64) if isinstance(row_offset, torch.Tensor) else row_offset
+        return cls(gain, offset)
 
-    def then(self, rows: slice, gain: torch.Tensor, offset: torch.Tensor | float) -> "OutputRows":
-        """Compose with ``y'' = y' * gain + offset`` on ``rows``: ``y * g1 g2 + (o1 g2 + o2)``."""
-        new_gain, new_offset = self.gain.clone(), self.offset.clone()
-        gain = gain.to(torch.float64)
-        offset = offset.to(torch.float64) if isinstance(offset, torch.Tensor) else offset
-        new_gain[rows] = self.gain[rows] * gain
-        new_offset[rows] = self.offset[rows] * gain + offset
-        return OutputRows(new_gain, new_offset)
+    def then(self, later: "OutputRows") -> "OutputRows":
+        """This change followed by ``later``: ``(y g1 + o1) g2 + o2``."""
+        return OutputRows(self.gain * later.gain, self.offset * later.gain + later.offset)
 
     def undo(self, y: torch.Tensor) -> torch.Tensor:
         return (y - self.offset.to(y.dtype)) / self.gain.to(y.dtype)

@@ -210,21 +210,27 @@ def _output_rows_reason(site: SmoothingSite, linear: fx.Node, what: str) -> str 
     return _readers_reason(site)
 
 
-def record_output_rows(site: SmoothingSite, linear: fx.Node, rows: slice, gain: torch.Tensor,
-                       offset: torch.Tensor | float) -> None:
-    """Note on ``linear`` that its output ``rows`` now compute ``y * gain + offset`` (for error analysis)."""
-    previous = linear.meta.get(OUTPUT_ROWS_KEY) or OutputRows.identity(get_tensor(site.gm, linear.args[1].target)
-                                                                        .shape[0])
-    linear.meta[OUTPUT_ROWS_KEY] = previous.then(rows, gain, offset)
+def rescale_output_rows(site: SmoothingSite, linear: fx.Node, tag: str, change: OutputRows, *,
+                        offset_uses_shift: bool = True) -> None:
+    """``linear``'s output rows ``y -> y * gain + offset``: ``W <- diag(gain) W``, ``b <- gain * b + offset`` (the
+    rules check that a linear given an offset has its own bias). ``change`` is made of the site's smoothing: the
+    weight is memoized on its scale (groups sharing the scale share the weight, whatever their shifts), the bias
+    on the scale and, where the offset is made of it, the shift. Recorded on the node (composed with earlier
+    changes) for error analysis."""
+    s, z = site.smoothing.scale, site.smoothing.shift
+    update_tensor(site, linear.args[1].target, f"{tag}:w", (s,), lambda w: w * change.gain[:, None])
+    if len(linear.args) > 2 and linear.args[2] is not None:
+        update_tensor(site, linear.args[2].target, f"{tag}:b", (s, z) if offset_uses_shift else (s,),
+                      lambda b: b * change.gain + change.offset)
+    previous = linear.meta.get(OUTPUT_ROWS_KEY)
+    linear.meta[OUTPUT_ROWS_KEY] = change if previous is None else previous.then(change)
 
 
 def fold_into_output_rows(site: SmoothingSite, linear: fx.Node, tag: str, rule: str) -> None:
     """``W <- diag(1/s) W``, ``b <- (b - z)/s`` on ``linear`` (the producer side), then the readers' side."""
     s, z = site.smoothing.scale, site.smoothing.shift
-    record_output_rows(site, linear, slice(None), 1 / s, 0.0 if z is None else -z / s)
-    update_tensor(site, linear.args[1].target, f"{tag}:w", (s,), lambda w: w / s[:, None])
-    if len(linear.args) > 2 and linear.args[2] is not None:
-        update_tensor(site, linear.args[2].target, f"{tag}:b", (s, z), lambda b: (b - (z if z is not None else 0)) / s)
+    change = OutputRows.on_rows(s.numel(), (slice(None), 1 / s, 0.0 if z is None else -z / s))
+    rescale_output_rows(site, linear, tag, change)
     fold_into_readers(site, rule)
 
 
@@ -316,23 +322,11 @@ class AdaLNModulationFold(RewriteRule):
         scale_rows = slice(match.scale_index * size, (match.scale_index + 1) * size)
         shift_rows = slice(match.shift_index * size, (match.shift_index + 1) * size)
 
-        def weight(w):
-            w = w.clone()
-            w[scale_rows] /= s[:, None]
-            w[shift_rows] /= s[:, None]
-            return w
-
-        def bias(b):
-            b = b.clone()
-            b[scale_rows] = (1 + b[scale_rows]) / s - 1
-            b[shift_rows] = (b[shift_rows] - (z if z is not None else 0)) / s
-            return b
-
-        tag = f"adaln:{match.scale_index}:{match.shift_index}"
-        update_tensor(site, match.ada_linear.args[1].target, tag + ":w", (s,), weight)
-        update_tensor(site, match.ada_linear.args[2].target, tag + ":b", (s, z), bias)
-        record_output_rows(site, match.ada_linear, scale_rows, 1 / s, 1 / s - 1)
-        record_output_rows(site, match.ada_linear, shift_rows, 1 / s, 0.0 if z is None else -z / s)
+        # scale rows (1 + y)/s - 1 = y/s + (1/s - 1); shift rows (y - z)/s
+        rows = get_tensor(site.gm, match.ada_linear.args[1].target).shape[0]
+        change = OutputRows.on_rows(rows, (scale_rows, 1 / s, 1 / s - 1),
+                                    (shift_rows, 1 / s, 0.0 if z is None else -z / s))
+        rescale_output_rows(site, match.ada_linear, f"adaln:{match.scale_index}:{match.shift_index}", change)
         fold_into_readers(site, self.name)
 
 
@@ -548,15 +542,9 @@ class AdaLNSingleFold(RewriteRule):
         if (tag, match.ada_linear) not in site.sites.done:  # the shared rows: once per branch
             site.sites.done.add((tag, match.ada_linear))
 
-            def rows(t):
-                t = t.clone()
-                t[scale_rows] /= s if t.dim() == 1 else s[:, None]
-                t[shift_rows] /= s if t.dim() == 1 else s[:, None]
-                return t
-            update_tensor(site, match.ada_linear.args[1].target, tag + ":w", (s,), rows)
-            update_tensor(site, match.ada_linear.args[2].target, tag + ":b", (s,), rows)
-            record_output_rows(site, match.ada_linear, scale_rows, 1 / s, 0.0)
-            record_output_rows(site, match.ada_linear, shift_rows, 1 / s, 0.0)
+            rows = get_tensor(site.gm, match.ada_linear.args[1].target).shape[0]
+            change = OutputRows.on_rows(rows, (scale_rows, 1 / s, 0.0), (shift_rows, 1 / s, 0.0))
+            rescale_output_rows(site, match.ada_linear, tag, change, offset_uses_shift=False)  # the table takes z
 
         def table(t):
             t = t.clone()
