@@ -61,6 +61,37 @@ class RowResult:
         return float("nan") if self.psnr_loo is None else jackknife_std(self.psnr_loo)
 
 
+def score_row(samples: torch.Tensor, fp_samples: torch.Tensor, classes: np.ndarray, classifier,
+              reference_features, seconds: float, real_features=None) -> RowResult:
+    """One row's columns: KID per class vs the FP32 reference samples (``reference_features``, other noise), the
+    classifier's accuracy on ``classes``, PSNR (jackknifed) and relative L2 vs ``fp_samples`` (the same noise;
+    ``samples is fp_samples`` for the FP32 row itself), and FID vs the real digits where ``real_features`` are
+    given."""
+    feats, logits = features_and_logits(classifier, samples)
+    kid, kid_loo = class_kernel_distance(feats, classes, reference_features, classes)
+    psnr_value, psnr_loo = (float("inf"), None) if samples is fp_samples else psnr_jackknife(samples, fp_samples)
+    return RowResult(kid=kid, kid_loo=kid_loo,
+                     accuracy=float((logits.argmax(1) == torch.as_tensor(classes)).float().mean()),
+                     psnr=psnr_value, psnr_loo=psnr_loo, rel_l2=relative_l2(samples, fp_samples),
+                     fid_real=float("nan") if real_features is None else frechet_distance(feats, real_features),
+                     seconds=seconds)
+
+
+def table_lines(results: dict, failed: dict[str, str]) -> list[str]:
+    """The results table, and the rows that could not be built (a peer's own failure is a result too)."""
+    lines = ["| steps | row | KID vs FP32 ↓ | class accuracy ↑ | PSNR vs FP32 (dB) ↑ | rel. L2 vs FP32 ↓ |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for (label, steps), r in results.items():
+        psnr_text = "—" if label == qr.FP32 else f"{r.psnr:.2f} ± {r.psnr_std:.2f}"
+        l2_text = "—" if label == qr.FP32 else f"{r.rel_l2:.4f}"
+        lines.append(f"| {steps} | {label} | {r.kid:.0f} ± {r.kid_std:.0f} | {r.accuracy:.1%} | {psnr_text} | "
+                     f"{l2_text} |")
+    if failed:
+        lines += ["", "Rows that could not be built or loaded (not in the table):", ""]
+        lines += [f"- {label}: {message}" for label, message in failed.items()]
+    return lines
+
+
 def evaluate(rows: dict[str, Path], loaded, args):
     from ditq_compiler.families import DIT
 
@@ -81,21 +112,14 @@ def evaluate(rows: dict[str, Path], loaded, args):
             samples = qr.sample_row(path, loaded, args.samples, steps=steps, guidance_scale=args.guidance_scale,
                                     seed=args.seed)
             seconds = time.perf_counter() - start
-            feats, logits = features_and_logits(classifier, samples)
-            kid, kid_loo = class_kernel_distance(feats, classes, reference_features, classes)
             if label == qr.FP32:
                 fp_samples = samples
-                value, loo = float("inf"), None
-            else:
-                value, loo = psnr_jackknife(samples, fp_samples)
-            result = RowResult(kid=kid, kid_loo=kid_loo, accuracy=float((logits.argmax(1) == torch.tensor(labels))
-                                                                        .float().mean()),
-                               psnr=value, psnr_loo=loo, rel_l2=relative_l2(samples, fp_samples),
-                               fid_real=frechet_distance(feats, real_features), seconds=seconds)
+            result = score_row(samples, fp_samples, classes, classifier, reference_features, seconds,
+                               real_features=real_features)
             results[(label, steps)] = result
             samples_by_row[(label, steps)] = samples
-            print(f"{steps} steps  {label:<42} KID {kid:9.1f} ± {result.kid_std:7.1f}  acc {result.accuracy:.3f}  "
-                  f"PSNR {value:6.2f}  ({seconds:.0f} s)", flush=True)
+            print(f"{steps} steps  {label:<42} KID {result.kid:9.1f} ± {result.kid_std:7.1f}  "
+                  f"acc {result.accuracy:.3f}  PSNR {result.psnr:6.2f}  ({seconds:.0f} s)", flush=True)
 
     # Per-timestep denoiser error, on the FP32 trajectory's inputs (teacher forcing).
     fp = qr.ort_denoiser(rows[qr.FP32])
@@ -207,18 +231,7 @@ def write_report(results, per_timestep, failed: dict[str, str], args, out: Path,
         "",
     ]
     lines += metric_paragraph(results, args)
-    lines += [
-        "| steps | row | KID vs FP32 ↓ | class accuracy ↑ | PSNR vs FP32 (dB) ↑ | rel. L2 vs FP32 ↓ |",
-        "|---:|---|---:|---:|---:|---:|",
-    ]
-    for (label, steps), r in results.items():
-        psnr_text = "—" if label == qr.FP32 else f"{r.psnr:.2f} ± {r.psnr_std:.2f}"
-        l2_text = "—" if label == qr.FP32 else f"{r.rel_l2:.4f}"
-        lines.append(f"| {steps} | {label} | {r.kid:.0f} ± {r.kid_std:.0f} | {r.accuracy:.1%} | {psnr_text} | "
-                     f"{l2_text} |")
-    if failed:
-        lines += ["", "Rows that did not compile (not in the table):", ""]
-        lines += [f"- {label}: {message}" for label, message in failed.items()]
+    lines += table_lines(results, failed)
     lines += ["", f"![per-timestep error]({args.out.stem}_timestep_error.png)", "",
               f"![samples, {args.steps[0]} steps]({args.out.stem}_samples.png)", ""]
     lines += findings(results, per_timestep, args)

@@ -38,8 +38,7 @@ import bench_quality as bq  # noqa: E402
 import quality_rows as qr  # noqa: E402
 from common import (export_fp32, machine_description, quantize_static_baseline, work_directory,  # noqa: E402
                     write_marked_block)
-from evaluator import (class_kernel_distance, features_and_logits, load_classifier, psnr_jackknife,  # noqa: E402
-                       relative_l2)
+from evaluator import features_and_logits, load_classifier, relative_l2  # noqa: E402
 
 BLOCK = "pixart"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -61,65 +60,42 @@ def sample_prompts(count: int) -> list[str]:
     return [f"a handwritten {DIGIT_WORDS[i % 10]}" for i in range(count)]
 
 
-def session_transformer(path: Path, family, config: dict):
-    """``pipe.transformer`` running the ONNX model at ``path`` (the FP32 export or a ``quantize_static`` model)."""
-    from ditq_compiler.ort_transformer import OrtTransformer
-    from ditq_compiler.runtime import quiet_session_options
+def session_denoiser(path: Path, signature):
+    """``denoise(inputs in signature order)`` running the ONNX model at ``path`` (the FP32 export or a
+    ``quantize_static`` model) in ONNX Runtime on the CPU provider, 2 threads."""
+    from ditq_compiler.runtime import create_session
 
-    import onnxruntime as ort
-
-    options = quiet_session_options()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    signature = family.signature(config)
-
-    def denoise(inputs: tuple) -> torch.Tensor:
-        feeds = {spec.name: np.asarray(value.numpy(), dtype=spec.dtype)
-                 for spec, value in zip(signature.inputs, inputs)}
-        return torch.from_numpy(session.run([signature.output], feeds)[0])
-
-    return OrtTransformer(denoise, family, signature, config, description=str(path))
+    session = create_session(path, "cpu", threads=2)
+    return lambda inputs: torch.from_numpy(session.run([signature.output], signature.feeds(inputs))[0])
 
 
-class Recorder(torch.nn.Module):
-    """Wraps a transformer and keeps each call's inputs (signature order): the FP32 trajectory's inputs."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self.inner, self.calls = transformer, []
-        self.config = transformer.config
-
-    dtype = property(lambda self: self.inner.dtype)
-    device = property(lambda self: self.inner.device)
-
-    def forward(self, *args, **kwargs):
-        bound = self.inner._parameters_of_forward.bind_partial(self.inner, *args, **kwargs).arguments
-        self.calls.append(tuple(torch.as_tensor(bound[spec.kwarg]).clone() for spec in self.inner.signature.inputs))
-        return self.inner(*args, **kwargs)
+def artifact_denoiser(artifact):
+    """``denoise(inputs in signature order)`` running a ditq artifact in ONNX Runtime on the CPU provider."""
+    return lambda inputs: torch.from_numpy(artifact.denoise(*inputs, provider="cpu"))
 
 
 def build_rows(pipeline: Path, work: Path, labels: list[str], args):
-    """The recording, and label -> ``pipe.transformer`` for each row (failed ditq rows: label -> error line)."""
+    """label -> ``denoise(inputs)`` for each row that could be built, label -> error line for the others, the
+    loaded checkpoint, and the text embeddings' channel max/median over the calibration prompts."""
     from ditq_compiler import CalibrationConfig, CompileConfig
     from ditq_compiler import compile as compile_checkpoint
     from ditq_compiler.errors import DitqError
     from ditq_compiler.loading import load_checkpoint
-    from ditq_compiler.ort_transformer import OrtTransformer
     from ditq_compiler.prompts import load_prompts
-    from ditq_compiler.recording import record_pipeline
+    from ditq_compiler.recording import record_pipeline, text_outlier_ratio
 
     loaded = load_checkpoint(pipeline)
-    family, config = loaded.family, loaded.model_config
-    recording = record_pipeline(pipeline, family, config, prompts=load_prompts(args.prompts), steps=args.calib_steps,
-                                guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.calib_samples,
-                                transformer=loaded.model)
+    signature = loaded.family.signature(loaded.model_config)
+    recording = record_pipeline(pipeline, loaded.family, loaded.model_config, prompts=load_prompts(args.prompts),
+                                steps=args.calib_steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                                batch_size=args.calib_samples, transformer=loaded.model)
+    outlier_ratio = text_outlier_ratio(recording, signature.spec("text").name)
     calls = recording.save(work / "calibration.safetensors")
-    print(f"recorded {len(recording)} calibration calls", flush=True)
+    print(f"recorded {len(recording)} calibration calls (text channel max/median {outlier_ratio:.1f})", flush=True)
     fp32 = work / "fp32.onnx"
-    export_fp32(loaded.model, fp32, family, recording.check_inputs())
-    transformers, failed = {qr.FP32: session_transformer(fp32, family, config)}, {}
-    names = family.signature(config).names
-    batches = [{name: value.numpy() for name, value in zip(names, inputs)} for _, inputs in recording]
+    export_fp32(loaded.model, fp32, loaded.family, recording.check_inputs())
+    denoisers, failed = {qr.FP32: session_denoiser(fp32, signature)}, {}
+    batches = [signature.feeds(inputs) for _, inputs in recording]
     calibration = CalibrationConfig(steps=args.calib_steps, samples=args.calib_samples,
                                     guidance_scale=args.guidance_scale, seed=args.seed, inputs=str(calls))
     for index, label in enumerate(labels):
@@ -128,7 +104,7 @@ def build_rows(pipeline: Path, work: Path, labels: list[str], args):
             path = work / f"qs-{index}.onnx"
             try:
                 quantize_static_baseline(fp32, path, batches, matmul_only=qr.QUANTIZE_STATIC_ROWS[label])
-                transformers[label] = session_transformer(path, family, config)
+                denoisers[label] = session_denoiser(path, signature)
             except Exception as exc:  # the peer's own failure is a result: reported, the other rows still run
                 failed[label] = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 print(f"{label}: failed: {failed[label]}", flush=True)
@@ -136,16 +112,17 @@ def build_rows(pipeline: Path, work: Path, labels: list[str], args):
         elif label in qr.DITQ_ROWS:
             directory = qr.row_directory(work, label)
             try:
-                compile_checkpoint(pipeline, directory, CompileConfig(calibration=calibration, **qr.DITQ_ROWS[label]),
-                                   force=directory.exists())
+                artifact = compile_checkpoint(pipeline, directory,
+                                              CompileConfig(calibration=calibration, **qr.DITQ_ROWS[label]),
+                                              force=directory.exists())
             except DitqError as exc:
                 failed[label] = str(exc)
                 print(f"{label}: did not compile: {exc}", flush=True)
                 continue
-            transformers[label] = OrtTransformer.from_artifact(directory, provider="cpu")
+            denoisers[label] = artifact_denoiser(artifact)
         if label != qr.FP32:
             print(f"{label}: built in {time.perf_counter() - start:.0f} s", flush=True)
-    return transformers, failed, loaded
+    return denoisers, failed, loaded, outlier_ratio
 
 
 def generate(pipe, transformer, prompts: list[str], *, steps: int, guidance_scale: float, seed: int,
@@ -158,47 +135,50 @@ def generate(pipe, transformer, prompts: list[str], *, steps: int, guidance_scal
     return torch.as_tensor(images).float()
 
 
-def evaluate(transformers: dict, loaded, args):
+def evaluate(denoisers: dict, loaded, args):
+    from ditq_compiler.ort_transformer import OrtTransformer
     from ditq_compiler.recording import load_user_pipeline
+
+    family, config = loaded.family, loaded.model_config
+    signature = family.signature(config)
+
+    def transformer(denoise):  # pipe.transformer running a row
+        return OrtTransformer(denoise, family, signature, config)
 
     classifier = load_classifier(ROOT / "models" / "digits-classifier")
     pipe = load_user_pipeline(args.pipeline, transformer=None)
-    call_kwargs = loaded.family.pipeline_call_kwargs(loaded.model_config)
     prompts = sample_prompts(args.samples)
     classes = np.array([i % 10 for i in range(args.samples)])
-    sample = dict(steps=args.steps, guidance_scale=args.guidance_scale, call_kwargs=call_kwargs)
-    reference = generate(pipe, transformers[qr.FP32], prompts, seed=args.seed + 1, **sample)
+    sample = dict(steps=args.steps, guidance_scale=args.guidance_scale,
+                  call_kwargs=family.pipeline_call_kwargs(config))
+    reference = generate(pipe, transformer(denoisers[qr.FP32]), prompts, seed=args.seed + 1, **sample)
     reference_features, _ = features_and_logits(classifier, reference)
     results, samples_by_row, fp_samples = {}, {}, None
-    for label, transformer in transformers.items():
+    for label, denoise in denoisers.items():
         start = time.perf_counter()
-        samples = generate(pipe, transformer, prompts, seed=args.seed, **sample)
-        seconds = time.perf_counter() - start
-        feats, logits = features_and_logits(classifier, samples)
-        kid, kid_loo = class_kernel_distance(feats, classes, reference_features, classes)
+        samples = generate(pipe, transformer(denoise), prompts, seed=args.seed, **sample)
         if label == qr.FP32:
-            fp_samples, (value, loo) = samples, (float("inf"), None)
-        else:
-            value, loo = psnr_jackknife(samples, fp_samples)
-        results[(label, args.steps)] = bq.RowResult(
-            kid=kid, kid_loo=kid_loo, accuracy=float((logits.argmax(1) == torch.from_numpy(classes)).float().mean()),
-            psnr=value, psnr_loo=loo, rel_l2=relative_l2(samples, fp_samples), fid_real=float("nan"), seconds=seconds)
+            fp_samples = samples
+        result = bq.score_row(samples, fp_samples, classes, classifier, reference_features,
+                              time.perf_counter() - start)
+        results[(label, args.steps)] = result
         samples_by_row[(label, args.steps)] = samples
-        print(f"{label:<42} KID {kid:9.1f}  acc {results[(label, args.steps)].accuracy:.3f}  PSNR {value:6.2f}  "
-              f"({seconds:.0f} s)", flush=True)
+        print(f"{label:<42} KID {result.kid:9.1f}  acc {result.accuracy:.3f}  PSNR {result.psnr:6.2f}  "
+              f"({result.seconds:.0f} s)", flush=True)
 
     # Per-timestep denoiser error on the FP32 trajectory's inputs (teacher forcing), its first prompts.
-    recorder = Recorder(transformers[qr.FP32])
-    generate(pipe, recorder, prompts[:args.trajectory_samples], seed=args.seed, **sample)
-    fp = [transformers[qr.FP32]._denoise(inputs) for inputs in recorder.calls]
-    timestep_index = recorder.inner.signature.names.index(recorder.inner.signature.timestep_name)
-    per_timestep = {label: [(int(inputs[timestep_index][0]), relative_l2(row._denoise(inputs), reference_out))
-                            for inputs, reference_out in zip(recorder.calls, fp)]
-                    for label, row in transformers.items() if label != qr.FP32}
+    calls, fp = [], denoisers[qr.FP32]
+    generate(pipe, transformer(lambda inputs: (calls.append(inputs), fp(inputs))[1]),
+             prompts[:args.trajectory_samples], seed=args.seed, **sample)
+    fp_outputs = [fp(inputs) for inputs in calls]
+    at = signature.index("timestep")
+    per_timestep = {label: [(int(inputs[at][0]), relative_l2(denoise(inputs), reference_out))
+                            for inputs, reference_out in zip(calls, fp_outputs)]
+                    for label, denoise in denoisers.items() if label != qr.FP32}
     return results, samples_by_row, per_timestep
 
 
-def write_report(results, per_timestep, failed, args, seconds: float) -> None:
+def write_report(results, per_timestep, failed, outlier_ratio: float, args, seconds: float) -> None:
     config = json.loads((args.pipeline / "training_config.json").read_text()) \
         if (args.pipeline / "training_config.json").is_file() else {}
     text = config.get("text_encoder", {})
@@ -221,21 +201,13 @@ def write_report(results, per_timestep, failed, args, seconds: float) -> None:
         "provider).",
         f"- Calibration, ditq and `quantize_static` alike: the pipeline's transformer calls over the "
         f"{args.prompts.name} prompts ({args.calib_samples} prompts per batch with the empty prompt, "
-        f"{args.calib_steps} steps, guidance {args.guidance_scale}), recorded once.",
+        f"{args.calib_steps} steps, guidance {args.guidance_scale}), recorded once. The recorded text embeddings' "
+        f"channel max/median (of each channel's largest absolute value over the real tokens): {outlier_ratio:.1f}.",
         f"- KID vs FP32 (class-conditional, {args.samples} FP32 samples from seed {args.seed + 1}), class accuracy, "
         "PSNR and relative L2 vs FP32 from the same noise: as in the DiT table above.",
         "",
-        "| steps | row | KID vs FP32 ↓ | class accuracy ↑ | PSNR vs FP32 (dB) ↑ | rel. L2 vs FP32 ↓ |",
-        "|---:|---|---:|---:|---:|---:|",
     ]
-    for (label, steps), r in results.items():
-        psnr_text = "—" if label == qr.FP32 else f"{r.psnr:.2f} ± {r.psnr_std:.2f}"
-        l2_text = "—" if label == qr.FP32 else f"{r.rel_l2:.4f}"
-        lines.append(f"| {steps} | {label} | {r.kid:.0f} ± {r.kid_std:.0f} | {r.accuracy:.1%} | {psnr_text} | "
-                     f"{l2_text} |")
-    if failed:
-        lines += ["", "Rows that could not be built or loaded (not in the table):", ""]
-        lines += [f"- {label}: {message}" for label, message in failed.items()]
+    lines += bq.table_lines(results, failed)
     lines += ["", f"![per-timestep error, PixArt]({stem}_timestep_error.png)", "",
               f"![samples, PixArt]({stem}_samples.png)", ""]
     findings = bq.findings(results, per_timestep, argparse.Namespace(steps=[args.steps]))
@@ -273,14 +245,14 @@ def main() -> None:
     torch.set_num_threads(2)
     start = time.perf_counter()
     with work_directory(args.work, "ditq-quality-pixart-") as work:
-        transformers, failed, loaded = build_rows(args.pipeline, work, labels, args)
-        print(f"built {len(transformers)} rows in {time.perf_counter() - start:.0f} s", flush=True)
-        results, samples_by_row, per_timestep = evaluate(transformers, loaded, args)
+        denoisers, failed, loaded, outlier_ratio = build_rows(args.pipeline, work, labels, args)
+        print(f"built {len(denoisers)} rows in {time.perf_counter() - start:.0f} s", flush=True)
+        results, samples_by_row, per_timestep = evaluate(denoisers, loaded, args)
     stem = f"{args.out.stem}_pixart"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     bq.plot_timestep_error(per_timestep, args.out.parent / f"{stem}_timestep_error.png", args.steps, "DPM-Solver++")
     bq.plot_samples(samples_by_row, args.out.parent / f"{stem}_samples.png", args.steps, sampler="DPM-Solver++")
-    write_report(results, per_timestep, failed, args, time.perf_counter() - start)
+    write_report(results, per_timestep, failed, outlier_ratio, args, time.perf_counter() - start)
     print(args.out.read_text().split("<!-- pixart:begin -->")[-1])
 
 

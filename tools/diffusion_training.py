@@ -4,6 +4,7 @@ gradient clipping, EMA weights, a loss curve)."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import time
@@ -55,6 +56,22 @@ class Diffusion:
         return mse + vb, mse.detach(), vb.detach()
 
 
+def training_parser(description: str, out: Path, dropout: str) -> argparse.ArgumentParser:
+    """The options both trainers take; ``dropout``: the conditioning-dropout flag (``--class-dropout``,
+    ``--caption-dropout``), 10% by default, the unconditional half of classifier-free guidance."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument(dropout, type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-every", type=int, default=1000)
+    return parser
+
+
 def train(model, predict_batch, args, save) -> tuple[torch.nn.Module, float]:
     """Train ``model`` for ``args.steps`` steps. ``predict_batch(model, generator)`` draws a batch and returns
     ``(x0, predict)`` with ``predict(x_t, t)`` the model's output on it; ``save(ema)`` writes the EMA weights
@@ -63,7 +80,7 @@ def train(model, predict_batch, args, save) -> tuple[torch.nn.Module, float]:
     generator = torch.Generator().manual_seed(args.seed)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = min(200, args.steps // 10)
+    warmup = max(1, min(200, args.steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
     diffusion = Diffusion()

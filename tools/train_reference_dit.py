@@ -4,7 +4,7 @@ Set up as DiT-XL/2 is, at toy scale: learned sigma (out channels = 2 x in), adaL
 steps and linear betas, epsilon prediction, 10% class dropout for classifier-free guidance, the hybrid
 loss ``L_simple + L_vlb`` (improved DDPM; the variance term sees a stopped-gradient mean), EMA weights.
 
-    python tools/train_reference_dit.py --out models/dit-digits --steps 7000 --seed 0
+    python tools/train_reference_dit.py --out models/dit-digits --steps 8000 --seed 0
 
 Writes ``transformer/`` and ``scheduler/`` (diffusers layout), ``training_config.json`` and the loss
 curve (``loss_curve.csv``, ``loss_curve.png``). Reproducible from the seed on one machine.
@@ -12,7 +12,6 @@ curve (``loss_curve.csv``, ``loss_curve.png``). Reproducible from the seed on on
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusion_training import plot_curve, train  # noqa: E402
+from diffusion_training import plot_curve, train, training_parser  # noqa: E402
 from digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors  # noqa: E402
 
 MODEL_CONFIG = dict(
@@ -40,17 +39,7 @@ def save_model(model, out: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("models/dit-digits"))
-    parser.add_argument("--steps", type=int, default=7000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--class-dropout", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--save-every", type=int, default=1000)
-    args = parser.parse_args(argv)
+    args = training_parser(__doc__, Path("models/dit-digits"), "--class-dropout").parse_args(argv)
 
     from diffusers import DiTTransformer2DModel
 

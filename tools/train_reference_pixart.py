@@ -8,9 +8,9 @@ PixArt's classifier-free guidance), EMA weights. Training settings are the refer
 
 The text encoder is a tiny T5 encoder built from a transformers config with seeded random weights and never
 trained: the captions ("a handwritten seven", "the digit 7", ...) only need distinct, fixed embeddings. Real T5
-hidden states carry a few channels 50-100x the median channel; a random encoder's do not, so four channels of
-its final RMSNorm weight are set large to give the embeddings the same shape of outliers (channel max/median
-of |embedding| about 50). The tokenizer is word-level over the captions' words.
+hidden states carry a few channels far larger than the rest; a random encoder's do not, so four channels of its
+final RMSNorm weight are set large to give the embeddings the same shape of outliers (bench/bench_quality_pixart.py
+reports the channel max/median they give). The tokenizer is word-level over the captions' words.
 
     python tools/train_reference_pixart.py --out models/pixart-digits --steps 6000 --seed 0
 
@@ -21,7 +21,6 @@ calibration prompts: every caption template for every digit), ``training_config.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusion_training import plot_curve, train  # noqa: E402
+from diffusion_training import plot_curve, train, training_parser  # noqa: E402
 from digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors  # noqa: E402
 
 TEXT_WIDTH = 64
@@ -96,17 +95,7 @@ def save_pipeline(transformer, encoder, tokenizer, out: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("models/pixart-digits"))
-    parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--caption-dropout", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--save-every", type=int, default=1000)
-    args = parser.parse_args(argv)
+    args = training_parser(__doc__, Path("models/pixart-digits"), "--caption-dropout").parse_args(argv)
 
     from diffusers import PixArtTransformer2DModel
 
