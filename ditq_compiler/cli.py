@@ -197,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(model.onnx + manifest.json) is written atomically: a failed compile leaves no artifact "
                     "and never overwrites a good one.")
     _add_compile_options(compile_parser)
-    compile_parser.add_argument("-o", "--output", type=Path, required=True, metavar="ARTIFACT_DIR")
+    compile_parser.add_argument("-o", "--output", type=Path, required=True, metavar="ARTIFACT_DIR",
+                                help="the artifact directory to write (created with its parents; written beside it "
+                                     "and renamed into place when complete). An existing ditq artifact or empty "
+                                     "directory is replaced; any other directory only with --force")
     compile_parser.add_argument("--force", action="store_true", help="replace ARTIFACT_DIR even when it exists "
                                 "and is not a ditq artifact, deleting its contents (without --force such a "
                                 "directory is refused; an existing artifact is always replaced atomically)")
@@ -307,12 +310,46 @@ def _compile(args) -> int:
     config = _config_from(args)
     _check_compile_output(args.checkpoint, args.output, args.force)
     artifact = compile_checkpoint(args.checkpoint, args.output, config, dump_dir=args.dump_dir, force=args.force)
-    fusion = artifact.manifest.get("fusion") or {}
     size = sum((artifact.path / f).stat().st_size for f in artifact.manifest["files"]) / 1e6
+    kernels = kernel_summary(artifact.manifest.get("fusion") or {})
     print(f"wrote {artifact.path} ({size:.2f} MB, {len(artifact.manifest['quantized_layers'])} quantized layers"
-          + (f", {fusion.get('fused_layers')} fused by ONNX Runtime: {fusion.get('kernels')}" if fusion else "")
-          + ")")
+          + (f", {kernels}" if kernels else "") + ")")
+    _print_phase_table(artifact.compile_log)
     return 0
+
+
+def kernel_summary(fusion: dict) -> str:
+    """What ONNX Runtime runs the quantized layers as, in words: integer kernels are "fused"; FP8 layers on the
+    CPU run as float GEMMs on weights ONNX Runtime converts from FP8 at load (it has no FP8 GEMM there), which is
+    said as such rather than counted as fused."""
+    from .exporters.ort_inspect import FLOAT_GEMMS, FUSED_INT8_OPS
+
+    kernels = fusion.get("kernels") or {}
+    if not kernels:
+        return ""
+    integer = {op: n for op, n in kernels.items() if op in FUSED_INT8_OPS}
+    floating = {op: n for op, n in kernels.items() if op in FLOAT_GEMMS}
+    parts = []
+    if integer:
+        parts.append(f"{sum(integer.values())} fused by ONNX Runtime into integer kernels: {integer}")
+    if floating:
+        parts.append(f"{sum(floating.values())} run by ONNX Runtime as float GEMMs on weights it converts from FP8 "
+                     f"at load (no FP8 GEMM on this provider; the gain is the stored size): {floating}")
+    rest = {op: n for op, n in kernels.items() if op not in integer and op not in floating}
+    if rest:
+        parts.append(f"{sum(rest.values())} run as {rest}")
+    return "; ".join(parts)
+
+
+def _print_phase_table(compile_log: dict) -> None:
+    """The compile's time by phase (``compile_log.json``'s ``phases``), as progress lines on stderr."""
+    from .progress import emit, phase_table
+
+    rows, total = compile_log.get("phases"), compile_log.get("compile_seconds")
+    if not rows or not isinstance(total, (int, float)):
+        return
+    for line in phase_table(rows, float(total)):
+        emit(line)
 
 
 def _check_compile_output(checkpoint: Path, output: Path, force: bool) -> None:

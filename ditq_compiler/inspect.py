@@ -14,19 +14,33 @@ from .pipeline import attention_layers, lowering_context_of, run_pipeline, write
 def inspect_checkpoint(checkpoint, dump_dir: str | Path, config: CompileConfig | None = None) -> str:
     """The compile's pipeline (passes, export, lowering for the configured target, ONNX Runtime's fusion check),
     every step dumped into ``dump_dir``, then the per-layer error analysis; nothing is written as an artifact.
-    Unlike a compile, a layer ONNX Runtime did not fuse is reported, not refused."""
+    Unlike a compile, a layer ONNX Runtime did not fuse is reported, not refused. ``timings.txt`` ends with the
+    time of every phase (the table a compile prints)."""
+    from .progress import timed_phases
+
+    dump_dir = Path(dump_dir)
+    with timed_phases() as clock:
+        report = _inspect(checkpoint, dump_dir, config)
+    with open(dump_dir / "timings.txt", "a") as handle:
+        handle.write("\n## phases of the whole inspect (wall clock)\n" + "\n".join(clock.table()) + "\n")
+    return report
+
+
+def _inspect(checkpoint, dump_dir: Path, config: CompileConfig | None) -> str:
     from .exporters import export_onnx
     from .exporters.lowering import lower
     from .exporters.ort_inspect import fusion_report
+    from .progress import phase
 
-    dump_dir = Path(dump_dir)
     result = run_pipeline(checkpoint, config, [DumpInstrument(dump_dir)])
     ctx = result.context
-    model = export_onnx(result.graph_module, ctx.signature, ctx.export_inputs())
+    with phase("exporting to ONNX"):
+        model = export_onnx(result.graph_module, ctx.signature, ctx.export_inputs())
     layers = result.layers
     lowering_context = lowering_context_of(result)
-    lowered = lower(model, ctx.config.target, layers, context=lowering_context, dump_dir=dump_dir,
-                    first_index=len(result.pass_manager.records) + 1)
+    with phase(f"lowering for the {ctx.config.target} target"):
+        lowered = lower(model, ctx.config.target, layers, context=lowering_context, dump_dir=dump_dir,
+                        first_index=len(result.pass_manager.records) + 1)
     del model
     written = write_and_check(lowered, ctx.config.target, layers, lowering_context, dump_dir,
                               integer_attention=attention_layers(result), refuse_unfused=False)
@@ -47,7 +61,8 @@ def inspect_checkpoint(checkpoint, dump_dir: str | Path, config: CompileConfig |
     config = result.context.config
     plot_groups(groups, result.context.grouping_history, dump_dir / "timestep_groups.png",
                 f"{len(groups)} timestep group(s), grouping {config.grouping}")
-    error_table = layer_error_report(result, dump_dir)
+    with phase("per-layer error analysis"):
+        error_table = layer_error_report(result, dump_dir)
     kernels = Counter(report.layer_ops.values())
     records = [*result.pass_manager.records, *lowered.records]
     passes = "\n".join(f"  {index:03d} {record.name}: {record.summary}"

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -66,12 +67,15 @@ class CompileResult:
 
 
 def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfig | None = None,
-                 instruments: list[PassInstrument] | None = None, *, keep_float_model: bool = True) -> CompileResult:
+                 instruments: list[PassInstrument] | None = None, *, keep_float_model: bool = True,
+                 before_work: Callable[[LoadedCheckpoint, CompileConfig], None] | None = None) -> CompileResult:
     """Load, trace and run the passes; returns the quantized fx graph (the torch reference).
 
     ``keep_float_model=False`` (a compile, where nothing after tracing reads the float model): a checkpoint
     loaded here is traced without copying its tensors and its model is dropped (``result.checkpoint.model``
-    is None), so the weights are held once, not twice. ``inspect`` keeps it: error analysis runs it."""
+    is None), so the weights are held once, not twice. ``inspect`` keeps it: error analysis runs it.
+    ``before_work`` runs once the checkpoint is loaded and checked, before calibration (a compile checks its
+    free disk space there)."""
     from .progress import phase
 
     config = (config or CompileConfig()).validate()
@@ -85,6 +89,8 @@ def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfi
     config.calibration.validate(int(loaded.scheduler_config.get("num_train_timesteps", 1000)))
     torch.manual_seed(config.calibration.seed)
     refuse_uncalibratable(loaded, config)  # --prompts on DiT, PixArt without encoder or recording: before work
+    if before_work is not None:
+        before_work(loaded, config)
     recording = None
     if family.calibrates_through_pipeline:  # the user's diffusers pipeline runs before tracing, on the float model
         recording = pipeline_recording(loaded, config)
@@ -106,8 +112,17 @@ def run_pipeline(checkpoint: str | Path | LoadedCheckpoint, config: CompileConfi
     if recording is not None:
         ctx.recorded_calls = recording
     manager = PassManager(build_passes(config), instruments or [])
-    gm = manager.run(gm, ctx)
+    with phase("quantization passes"):
+        gm = manager.run(gm, ctx)
     return CompileResult(gm, ctx, loaded, manager, quantized_layer_weights(graph_modules(gm)[0]))
+
+
+def expected_artifact_bytes(model: torch.nn.Module, config: CompileConfig) -> int:
+    """A lower bound of the artifact's size: every parameter at the narrowest weight width the compile uses
+    (layers kept in float, scales and per-group weights only add to it)."""
+    precisions = {config.format_spec.precision} | {r.precision for r in config.layer_rules}
+    narrowest = 4 if precisions & {"int4", "fp4"} or config.budget_mb is not None else 8  # a budget may pick int4
+    return sum(p.numel() for p in model.parameters()) * narrowest // 8
 
 
 def refuse_uncalibratable(loaded: LoadedCheckpoint, config: CompileConfig) -> None:
@@ -188,24 +203,30 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
     from .exporters import export_onnx
     from .exporters.lowering import lower
     from .passes.reconstruct import reconstruction_records
-    from .progress import phase
+    from .progress import phase, timed_phases
+    from .staging import require_free_space
 
     check_output_dir(output_dir, force)  # refuse a user's directory before minutes of work, not after
     start = time.perf_counter()
     instruments = [DumpInstrument(dump_dir)] if dump_dir else []
-    result = run_pipeline(checkpoint, config, instruments, keep_float_model=False)
-    release_freed_memory()  # the float weights Q/DQ insertion replaced
-    with phase("exporting to ONNX"):
-        model = export_onnx(result.graph_module, result.context.signature, result.context.export_inputs())
-    target = result.context.config.target
-    lowered_layers = result.layers  # lowering passes update what a kernel reads (e.g. FP8's folded weight)
-    lowering_context = lowering_context_of(result)
-    with phase(f"lowering for the {target} target"):
-        lowered = lower(model, target, lowered_layers, context=lowering_context, dump_dir=dump_dir,
-                        first_index=len(result.pass_manager.records) + 1)
-    del model
-    release_freed_memory()  # the exporter's model, replaced by the lowered one
-    with staging_directory(output_dir, force=force) as staging:
+    # The staging directory is made (and locked) first: an -o that cannot be written, a mount point and a
+    # second compile to the same -o are refused before loading; too little free disk right after loading.
+    with timed_phases() as clock, staging_directory(output_dir, force=force) as staging:
+        def reserve_space(loaded: LoadedCheckpoint, config: CompileConfig) -> None:
+            require_free_space(staging, expected_artifact_bytes(loaded.model, config), f"the artifact {output_dir}")
+
+        result = run_pipeline(checkpoint, config, instruments, keep_float_model=False, before_work=reserve_space)
+        release_freed_memory()  # the float weights Q/DQ insertion replaced
+        with phase("exporting to ONNX"):
+            model = export_onnx(result.graph_module, result.context.signature, result.context.export_inputs())
+        target = result.context.config.target
+        lowered_layers = result.layers  # lowering passes update what a kernel reads (e.g. FP8's folded weight)
+        lowering_context = lowering_context_of(result)
+        with phase(f"lowering for the {target} target"):
+            lowered = lower(model, target, lowered_layers, context=lowering_context, dump_dir=dump_dir,
+                            first_index=len(result.pass_manager.records) + 1)
+        del model
+        release_freed_memory()  # the exporter's model, replaced by the lowered one
         written = write_and_check(lowered, target, lowered_layers, lowering_context, staging,
                                   verify_fusion=result.context.config.verify_fusion,
                                   integer_attention=attention_layers(result))
@@ -215,6 +236,7 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
             for group in range(len(lowered.group_models)):  # each group's own model on its own inputs
                 check_numerics(staging / group_model_file(group), result, only_group=group)
         compile_log = {"compile_seconds": round(time.perf_counter() - start, 2),
+                       "phases": clock.to_log(),
                        "passes": [{"name": r.name, "seconds": round(r.seconds, 3)}
                                   for r in result.pass_manager.records]}
         lowering = {**written.lowering, "passes": [pass_record(r) for r in lowered.records]}

@@ -13,6 +13,9 @@ stays the only thing on stdout. Rules, chosen to stay terse:
   that time (every bad input checked at the boundary) prints its one error line and nothing else.
   Library code (passes, the pipeline) only calls ``track`` and ``phase``; nothing prints unless a
   heartbeat runs or a loop is long.
+* :func:`timed_phases` is the one instrument of where a command's time goes: inside it, every ``phase``
+  (nested ones too) is timed, and the :class:`PhaseClock` it yields renders the table a compile prints,
+  keeps in ``compile_log.json`` and ``inspect`` writes into its dump.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TextIO, TypeVar
 
 T = TypeVar("T")
@@ -75,12 +79,86 @@ def emit(text: str, stream: TextIO | None = None) -> None:
 
 @contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Name the work that runs inside the block, for the heartbeat's lines."""
+    """Name the work that runs inside the block, for the heartbeat's lines (and the :class:`PhaseClock`
+    of an enclosing :func:`timed_phases`)."""
     previous = _ACTIVITY.enter(name)
+    clock = _CLOCKS[-1] if _CLOCKS and threading.current_thread() is threading.main_thread() else None
+    row = clock.enter(name) if clock is not None else None
     try:
         yield
     finally:
+        if row is not None:
+            clock.leave(row)
         _ACTIVITY.leave(previous)
+
+
+@dataclass
+class PhaseTime:
+    name: str
+    depth: int  # 0 for a phase of the command itself, 1 for one inside it (a pass inside the passes), ...
+    seconds: float = 0.0
+
+
+class PhaseClock:
+    """Wall time of each phase run inside :func:`timed_phases`, in the order they started. A phase that runs
+    twice (the numeric check of each per-group model) is two rows. ``other`` in the table is the time no
+    top-level phase covered (argument checks, the manifest, loading the artifact back)."""
+
+    def __init__(self) -> None:
+        self.rows: list[PhaseTime] = []
+        self.depth = 0
+        self.start = time.perf_counter()
+        self.total: float | None = None  # set when the timed block ends
+
+    def enter(self, name: str) -> tuple[PhaseTime, float]:
+        row = PhaseTime(name, self.depth)
+        self.rows.append(row)
+        self.depth += 1
+        return row, time.perf_counter()
+
+    def leave(self, entry: tuple[PhaseTime, float]) -> None:
+        row, started = entry
+        row.seconds = time.perf_counter() - started
+        self.depth -= 1
+
+    def elapsed(self) -> float:
+        return self.total if self.total is not None else time.perf_counter() - self.start
+
+    def other_seconds(self) -> float:
+        return max(0.0, self.elapsed() - sum(r.seconds for r in self.rows if r.depth == 0))
+
+    def to_log(self) -> list[dict]:
+        """The rows as ``compile_log.json`` keeps them (seconds to the millisecond), ``other`` last."""
+        rows = [{"name": r.name, "depth": r.depth, "seconds": round(r.seconds, 3)} for r in self.rows]
+        return rows + [{"name": "other", "depth": 0, "seconds": round(self.other_seconds(), 3)}]
+
+    def table(self) -> list[str]:
+        return phase_table(self.to_log(), self.elapsed())
+
+
+def phase_table(rows: list[dict], total: float) -> list[str]:
+    """Plain lines of a phase log (:meth:`PhaseClock.to_log`'s rows): each phase, indented by its depth, with
+    its seconds and its share of ``total``."""
+    named = [("  " * int(r.get("depth", 0)) + str(r["name"]), float(r["seconds"])) for r in rows]
+    width = max(len(name) for name, _ in named + [("phase", 0.0)])
+    lines = [f"{'phase':<{width}}  {'seconds':>8}  {'share':>6}"]
+    lines += [f"{name:<{width}}  {seconds:8.2f}  {seconds / total if total else 0.0:6.1%}" for name, seconds in named]
+    return lines + [f"{'total':<{width}}  {total:8.2f}"]
+
+
+_CLOCKS: list[PhaseClock] = []
+
+
+@contextmanager
+def timed_phases() -> Iterator[PhaseClock]:
+    """Time every :func:`phase` that starts in the block (on the main thread); yields the clock."""
+    clock = PhaseClock()
+    _CLOCKS.append(clock)
+    try:
+        yield clock
+    finally:
+        clock.total = time.perf_counter() - clock.start
+        _CLOCKS.remove(clock)
 
 
 def track(items: Iterable[T], *, total: int | None = None, description: str = "") -> Iterable[T]:

@@ -61,7 +61,8 @@ def write_error(exc: OSError, what: str) -> WriteError:
     """One line for a failed write, with the cause a user can act on."""
     target = f" {exc.filename}" if exc.filename else ""
     hint = " (disk full or a file-size limit: free space or choose another -o)" \
-        if exc.errno in _DISK_FULL_ERRNOS else ""
+        if exc.errno in _DISK_FULL_ERRNOS else " (choose a writable -o)" \
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR) else ""
     return WriteError(f"cannot write {what}:{target}: {exc.strerror or exc}{hint}")
 
 
@@ -114,28 +115,98 @@ def staging_directory(destination: str | Path, *, force: bool = False) -> Iterat
     """Yield an empty directory beside ``destination``; on success it replaces ``destination`` atomically,
     on failure it is removed and ``destination`` is untouched.
 
+    Opened before the long work, it is the compile's reservation of ``destination``: a mount point, a parent
+    that cannot be created or written, and a destination another live compile is writing are refused here, in
+    one line, not after minutes of calibration. Parent directories it created are removed again on failure.
     ``OSError`` raised while writing becomes a one-line :class:`WriteError`.
     """
     destination = check_output_dir(destination, force)
+    refuse_mount_point(destination)
+    created: list[Path] = []
     try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(destination.parent)
         recover_interrupted_replace(destination)
         remove_stale_staging(destination)
         staging, lock = _create_locked_staging(destination)
     except OSError as exc:
+        _remove_created(created)
         raise write_error(exc, f"the artifact {destination}") from None
+    replaced = False
     try:
+        refuse_concurrent_writer(destination, staging)
         try:
             yield staging
             _sync_tree(staging)
             check_output_dir(destination, force)  # someone may have put files there while we compiled
             _replace(staging, destination)
+            replaced = True
         except OSError as exc:
             raise write_error(exc, f"the artifact {destination}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # the new artifact's old place, or the old artifact
         if lock is not None:
             os.close(lock)
+        if not replaced:
+            _remove_created(created)
+
+
+def refuse_mount_point(destination: Path) -> None:
+    """An artifact replaces its directory by a rename, which a mount point refuses ("Device or resource busy"
+    at the very end of a compile): refused before any work, with where to write instead."""
+    if destination.is_dir() and os.path.ismount(destination):
+        raise ArtifactError(f"-o {destination} is a mount point, which ditq cannot replace atomically (it renames "
+                            f"the finished artifact into place); choose a directory inside it, e.g. "
+                            f"-o {destination / 'artifact'}")
+
+
+def refuse_concurrent_writer(destination: Path, ours: Path) -> None:
+    """Another live compile's staging directory for the same destination (one whose lock is held): refuse,
+    so that two compiles to one ``-o`` cannot both report success while the later silently wins. Checked
+    after our own staging directory is locked, so of two compiles that start at the same moment at least one
+    sees the other (both may refuse; neither overwrites the other)."""
+    for path in leftovers(destination):
+        if path == ours or ".tmp-" not in path.name:
+            continue
+        with _unless_live(path) as stale:
+            if not stale and path.exists():
+                raise ArtifactError(f"another ditq compile is writing {destination} now (its work directory "
+                                    f"{path.name} is locked); wait for it to finish or choose another -o")
+
+
+def require_free_space(directory: Path, needed_bytes: int, what: str) -> None:
+    """Refuse before the work when the file system of ``directory`` has less free space than ``needed_bytes``
+    (a lower bound of what will be written, so a refusal is never wrong)."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return  # cannot tell: the write itself reports a full disk
+    if free < needed_bytes:
+        raise WriteError(f"not enough free disk space for {what} in {directory.parent}: {free / 1e6:.1f} MB free, "
+                         f"it needs at least {needed_bytes / 1e6:.1f} MB; free space or choose another -o")
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """``mkdir -p directory``; returns the directories it created, outermost first."""
+    missing = []
+    for path in [directory, *directory.parents]:
+        if path.exists():
+            break
+        missing.append(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            pass
+    return list(reversed(missing))
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the parent directories a failed compile created, innermost first, only while empty."""
+    for path in reversed(created):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
 
 
 def _random_suffix() -> str:

@@ -433,11 +433,13 @@ def test_only_ditqs_own_stale_leftovers_are_removed(tmp_path):
     wrong_name = leftover(".art.tmp-short", {"model.onnx": b"x"})
     lock = os.open(live, os.O_RDONLY)
     fcntl.flock(lock, fcntl.LOCK_EX)  # a compile still writing there
-    try:
-        with staging_directory(tmp_path / "art") as staging:
-            (staging / "model.onnx").write_bytes(b"new")
+    try:  # the stale leftovers are removed first; then the live compile to the same -o makes this one refuse
+        with pytest.raises(ArtifactError, match="another ditq compile is writing"):
+            with staging_directory(tmp_path / "art") as staging:
+                (staging / "model.onnx").write_bytes(b"new")
     finally:
         os.close(lock)
+    assert not (tmp_path / "art").exists()
     for path in (stale, stale_old, empty_stale):
         assert not path.exists(), path
     for path in (live, users, other_target, wrong_name):

@@ -398,7 +398,7 @@ def test_the_command_line_compiles_for_a_target_and_lowers(tiny_dit_dir, tmp_pat
     art = tmp_path / "w4-cuda"
     assert main(["compile", str(tiny_dit_dir), "-o", str(art), "--format", "w4a8", "--target", "cuda",
                  "--calib-steps", "4", "--calib-samples", "2"]) == 0
-    assert "14 fused by ONNX Runtime: {'MatMulNBits': 14}" in capsys.readouterr().out
+    assert "14 fused by ONNX Runtime into integer kernels: {'MatMulNBits': 14}" in capsys.readouterr().out
     model = onnx.load(art / "model.onnx")
     assert {helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
             for a in n.attribute if a.name == "bits"} == {4}
