@@ -1,13 +1,31 @@
-"""ditq: compile Diffusion Transformer checkpoints into quantized ONNX artifacts."""
+"""ditq: compile Diffusion Transformer checkpoints into quantized ONNX artifacts.
+
+The public names are imported on first use (PEP 562), so ``ditq --help`` and an argument error answer without
+importing torch or ONNX Runtime. Modules that build or run graphs with ditq's ``torch.ops.ditq`` ops import
+``quant_ops`` themselves, which registers them.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from . import quant_ops as _quant_ops  # noqa: E402,F401  (registers the ditq:: torch ops)
-from .artifact import Artifact  # noqa: E402
-from .config import CalibrationConfig, CompileConfig, LayerRule  # noqa: E402
-from .errors import DitqError  # noqa: E402
-from .ort_transformer import OrtTransformer  # noqa: E402
-from .pipeline import compile, run_pipeline  # noqa: E402
+_EXPORTS = {
+    "Artifact": ".artifact", "CalibrationConfig": ".config", "CompileConfig": ".config", "LayerRule": ".config",
+    "DitqError": ".errors", "OrtTransformer": ".ort_transformer", "compile": ".pipeline", "run_pipeline": ".pipeline",
+}
 
-__all__ = ["Artifact", "CalibrationConfig", "CompileConfig", "DitqError", "LayerRule", "OrtTransformer", "compile", "run_pipeline",
-           "__version__"]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ditq_compiler' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

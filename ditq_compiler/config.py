@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError
-from .qspec import QuantizerSpec
+from .quantizer_spec import QuantizerSpec
 
 
 @dataclass(frozen=True)
