@@ -41,13 +41,15 @@ class TensorStats:
 
     def update(self, x: torch.Tensor, timestep: torch.Tensor) -> None:
         x = x.detach().to(torch.float32)
-        if not torch.isfinite(x).all():
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, channels]
+        row_min, row_max = rows.amin(dim=1), rows.amax(dim=1)
+        # a NaN anywhere makes its channel's min and max NaN, an inf makes one of them inf: checking the
+        # extremes finds every non-finite value without another pass over the whole activation
+        if not (torch.isfinite(row_min).all() and torch.isfinite(row_max).all()):
             raise CalibrationError(
                 f"non-finite activation (NaN or inf) at the input of {', '.join(self.consumers)} "
                 f"at timestep(s) {sorted(set(timestep.tolist()))}; check the checkpoint's weights"
             )
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, channels]
-        row_min, row_max = rows.amin(dim=1), rows.amax(dim=1)
         for t in torch.unique(timestep).tolist():
             mask = timestep == t
             lo, hi = row_min[mask].amin(dim=0), row_max[mask].amax(dim=0)
