@@ -15,8 +15,13 @@ def to_uint8(samples: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).numpy()
 
 
-def save_grid(samples: torch.Tensor, path: str | Path, labels: list[int] | None = None, scale: int = 4,
+LABEL_HEIGHT = 12  # pixels under each scaled image for its label (PIL's default bitmap font is 11 px high)
+
+
+def save_grid(samples: torch.Tensor, path: str | Path, labels: list | None = None, scale: int = 4,
               columns: int | None = None) -> None:
+    """The samples as one PNG, ``columns`` per row (8 by default), each with its label (a class id, a prompt's
+    first words) written under it where ``labels`` are given."""
     from PIL import Image
 
     images = to_uint8(samples)
@@ -31,4 +36,28 @@ def save_grid(samples: torch.Tensor, path: str | Path, labels: list[int] | None 
         grid[top:top + height, left:left + width] = image
     picture = Image.fromarray(grid[..., 0] if channels == 1 else grid)
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    if labels is not None:
+        picture = _with_labels(picture, [str(label) for label in labels][:count], columns, height, width, pad, scale)
     picture.save(path)
+
+
+def _with_labels(picture, labels: list[str], columns: int, height: int, width: int, pad: int, scale: int):
+    """``picture`` with a white strip under each row of images holding each image's label, cut to its width."""
+    from PIL import Image, ImageDraw
+
+    rows = math.ceil(len(labels) / columns) if labels else 0
+    cell_h, cell_w = (height + pad) * scale, (width + pad) * scale
+    out = Image.new(picture.mode, (picture.width, picture.height + rows * LABEL_HEIGHT), 255 if picture.mode == "L"
+                    else (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    characters = max(1, (cell_w - 2) // 6)  # the default font is about 6 px per character
+    for row in range(rows):
+        band = picture.crop((0, row * cell_h, picture.width, (row + 1) * cell_h + (pad * scale if row == rows - 1 else 0)))
+        out.paste(band, (0, row * (cell_h + LABEL_HEIGHT)))
+        for column in range(columns):
+            index = row * columns + column
+            if index < len(labels):
+                text = labels[index][:characters]
+                draw.text((column * cell_w + pad * scale, row * (cell_h + LABEL_HEIGHT) + cell_h),
+                          text, fill=0 if picture.mode == "L" else (0, 0, 0))
+    return out

@@ -74,8 +74,12 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None) -> Loaded
         family, model, config, digest = _load_diffusers_dir(model_dir, num_heads)
         scheduler_config = _load_scheduler_config(scheduler_dir) if scheduler_dir else \
             dict(family.default_scheduler_config)
+    elif path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
+        # a diffusers model's weight file, with its config beside it: the model directory is meant
+        return load_checkpoint(path.parent, num_heads=num_heads)
     elif path.suffix in (".pt", ".pth", ".ckpt", ".safetensors"):
         pipeline_dir = None
+        refuse_diffusers_weights_without_config(path)
         family = next(f for f in FAMILIES.values() if f.loads_original_checkpoints)
         model, config, digest = family.load_original(path, num_heads=num_heads)
         scheduler_config = dict(family.default_scheduler_config)
@@ -86,6 +90,25 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None) -> Loaded
     model.eval().float()
     return LoadedCheckpoint(model, type(model).__name__, config, scheduler_config, str(path), digest,
                             str(pipeline_dir) if pipeline_dir else None)
+
+
+def refuse_diffusers_weights_without_config(path: Path) -> None:
+    """A ``.safetensors`` file whose tensors carry diffusers' names (``transformer_blocks.0.attn1.to_q.weight``)
+    is a diffusers model's weights without its ``config.json``, not an original checkpoint: say so in one line
+    instead of an error about the original format's names. Reads only the file's header."""
+    if path.suffix != ".safetensors":
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())
+    except (SafetensorError, OSError, ValueError):
+        return  # the loader reports a corrupt file
+    if any(name.startswith(("transformer_blocks.", "pos_embed.", "time_text_embed.")) for name in names):
+        raise CheckpointError(f"{path} holds a diffusers model's weights (e.g. {names[0]}) but no config.json is "
+                              f"beside it; pass the model directory that holds its config.json and weights (or "
+                              f"the pipeline directory)")
 
 
 def _sha256_of(files: list[Path]) -> str:

@@ -58,16 +58,17 @@ def relower(source: str | Path, target: str, output_dir: str | Path, *, force: b
     if target == "cuda" and any(r.weight_format.startswith("float8") for r in layers.values()):
         raise ConfigError("--target cuda does not take fp8 layers (no FP8 GEMM on ONNX Runtime's CUDA provider, "
                           "MatMulNBits takes int4/int8 weights); use --target tensorrt for FP8")
-    recorded = [p["name"] for p in manifest.get("lowering", {}).get("passes", []) if isinstance(p, dict)]
-    with phase("raising the model to the canonical form"):
-        raised = raise_to_canonical(onnx.load(str(artifact.model_path)), recorded, layers, dump_dir=dump_dir)
-    with phase("sampling a few steps of the source artifact (denoiser inputs)"):
-        probe = probe_inputs(artifact)
-    context = LoweringContext(probe_inputs=probe)
-    with phase(f"lowering for the {target} target"):
-        lowered = lower(raised.model, target, layers, context=context, dump_dir=dump_dir,
-                        first_index=len(raised.records) + 1)
+    # the output is reserved first: an -o that cannot be written is refused before the work (staging.py)
     with staging_directory(output_dir, force=force) as staging:
+        recorded = [p["name"] for p in manifest.get("lowering", {}).get("passes", []) if isinstance(p, dict)]
+        with phase("raising the model to the canonical form"):
+            raised = raise_to_canonical(onnx.load(str(artifact.model_path)), recorded, layers, dump_dir=dump_dir)
+        with phase("sampling a few steps of the source artifact (denoiser inputs)"):
+            probe = probe_inputs(artifact)
+        context = LoweringContext(probe_inputs=probe)
+        with phase(f"lowering for the {target} target"):
+            lowered = lower(raised.model, target, layers, context=context, dump_dir=dump_dir,
+                            first_index=len(raised.records) + 1)
         written = write_and_check(lowered, target, layers, context, staging)
         files, fusion = written.files, written.fusion
         with phase("comparing with the source artifact"):

@@ -100,3 +100,23 @@ def test_bad_class_label_and_provider(compiled_tiny, tmp_path, capsys):
     if not cuda_usable()[0]:
         assert main(["run", str(artifact.path), "--provider", "cuda", "-o", str(tmp_path / "s.npz")]) == 2
         assert "--provider cuda:" in _error_line(capsys)
+
+
+def test_sample_grids_wrap_at_eight_and_label_every_image(tmp_path):
+    import torch
+    from PIL import Image
+
+    from ditq_compiler.images import LABEL_HEIGHT, save_grid
+
+    samples = torch.ones(10, 1, 16, 16)  # white images: any dark pixel below them is a label
+    save_grid(samples, tmp_path / "labelled.png", labels=[f"class {i}" for i in range(10)])
+    save_grid(samples, tmp_path / "plain.png")
+    labelled = np.asarray(Image.open(tmp_path / "labelled.png"))
+    plain = np.asarray(Image.open(tmp_path / "plain.png"))
+    assert labelled.shape[1] == plain.shape[1] and labelled.shape[0] == plain.shape[0] + 2 * LABEL_HEIGHT
+    cell = (16 + 2) * 4
+    for index in range(10):
+        row, column = divmod(index, 8)
+        top = (row + 1) * cell + row * LABEL_HEIGHT
+        strip = labelled[top:top + LABEL_HEIGHT, column * cell:(column + 1) * cell]
+        assert (strip < 128).any(), f"no label under image {index}"

@@ -337,3 +337,24 @@ def test_a_training_checkpoint_compiles_to_the_artifact_of_its_ema_weights_in_di
     got = from_training.denoise(x.numpy(), t.numpy(), y.numpy(), provider="cpu")
     expected = from_diffusers.denoise(x.numpy(), t.numpy(), y.numpy(), provider="cpu")
     assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
+def test_a_diffusers_weight_file_loads_as_its_directory_when_its_config_is_beside_it(tiny_dit_dir):
+    from ditq_compiler.loading import load_checkpoint
+
+    weights = tiny_dit_dir / "diffusion_pytorch_model.safetensors"
+    from_file, from_directory = load_checkpoint(weights), load_checkpoint(tiny_dit_dir)
+    assert from_file.sha256 == from_directory.sha256 and from_file.model_config == from_directory.model_config
+
+
+def test_a_diffusers_weight_file_without_its_config_is_one_line_naming_config_json(tiny_dit_dir, tmp_path, capsys):
+    import shutil
+
+    from ditq_compiler.cli import main
+
+    lone = tmp_path / "diffusion_pytorch_model.safetensors"
+    shutil.copy(tiny_dit_dir / "diffusion_pytorch_model.safetensors", lone)
+    assert main(["compile", str(lone), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a diffusers model's weights" in err[0] and "config.json" in err[0], err
+    assert "x_embedder" not in err[0] and not (tmp_path / "out").exists()
