@@ -102,3 +102,18 @@ def reference_artifact(tmp_path_factory):
     from ditq_compiler import compile as compile_checkpoint
 
     return compile_checkpoint(REFERENCE_MODEL, tmp_path_factory.mktemp("reference") / "dit-digits-w8a8")
+
+
+# The modules whose tests compile models by the dozen (format x recipe grids, kill trials, the reference models,
+# reconstruction): `pytest -m "not slow"` leaves them out for a fast development loop; CI runs everything.
+SLOW_MODULES = frozenset({
+    "test_attention", "test_dedup", "test_end_to_end", "test_faults", "test_formats", "test_pixart",
+    "test_pixart_folds", "test_reconstruct", "test_reference_model", "test_smoothing", "test_targets",
+    "test_timestep_groups",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -150,8 +150,17 @@ def _calibrating(lane: Lane, stderr: str) -> bool:
 
 
 def _staging(lane: Lane, stderr: str) -> bool:
-    """The current child created its staging directory (older leftovers do not count)."""
-    return any(".tmp-" in path.name and path not in lane.known_leftovers for path in leftovers(lane.target))
+    """The current child started writing files into its staging directory (older leftovers do not count; the
+    directory itself is made, empty, when the compile starts, to refuse a bad -o before the work)."""
+    return any(".tmp-" in path.name and path not in lane.known_leftovers and _holds_files(path)
+               for path in leftovers(lane.target))
+
+
+def _holds_files(path: Path) -> bool:
+    try:
+        return any(path.iterdir())
+    except OSError:
+        return False
 
 
 def _kill_side_by_side(commands: list[list[str]], lanes: list[Lane], kills: list[KillAt]) -> list[str]:
@@ -197,7 +206,7 @@ def test_sigkill_at_random_moments_keeps_the_previous_artifact(lanes, tiny_dit_d
     rng = random.Random(SEED)
     kills = [KillAt(seconds * (trial + rng.random()) / KILL_TRIALS) for trial in range(KILL_TRIALS)]
     kills += [KillAt(rng.uniform(0.0, 0.5), _calibrating, "after calibration started"),
-              KillAt(rng.uniform(0.0, 0.05), _staging, "after the staging directory appeared")]
+              KillAt(rng.uniform(0.0, 0.05), _staging, "after the artifact's first file appeared")]
     phases = []
     for pair in range(0, len(kills), len(lane_list)):
         pair_kills = kills[pair:pair + len(lane_list)]
