@@ -63,9 +63,14 @@ def sample_prompts(count: int) -> list[str]:
 def session_denoiser(path: Path, signature):
     """``denoise(inputs in signature order)`` running the ONNX model at ``path`` (the FP32 export or a
     ``quantize_static`` model) in ONNX Runtime on the CPU provider, 2 threads."""
-    from ditq_compiler.runtime import create_session
+    import onnxruntime as ort
 
-    session = create_session(path, "cpu", threads=2)
+    from ditq_compiler.runtime import quiet_session_options
+
+    options = quiet_session_options()
+    options.intra_op_num_threads = 2
+    # ONNX Runtime's own session, as a user of the peer would open it: its own error where it refuses a model
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda inputs: torch.from_numpy(session.run([signature.output], signature.feeds(inputs))[0])
 
 
