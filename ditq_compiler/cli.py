@@ -409,7 +409,7 @@ def _run(args) -> int:
         np.savez(output, samples=samples.numpy(), class_labels=np.asarray(args.class_labels, dtype=np.int64))
         if samples.shape[1] in (1, 3):
             png = output.with_suffix(".png")
-            save_grid(samples, png, labels=args.class_labels)
+            save_grid(samples, png, labels=[f"class {label}" for label in args.class_labels])
             message += f" and {png}"
     except OSError as exc:
         raise write_error(exc, "the samples") from None

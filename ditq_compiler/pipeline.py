@@ -384,7 +384,7 @@ def check_numerics(model_path: Path, result: CompileResult, only_group: int | No
     config = result.context.config
     fp8_qdq = config.target == "tensorrt" and any(r.weight_format.startswith("float8") for r in result.layers.values())
     session = create_session(model_path, "cpu", weight_range=config.weight_range, fp8_qdq=fp8_qdq)
-    inputs = result.context.check_inputs_by_group(per_group=None)  # the check spreads up to 16 rows per group
+    inputs = result.context.check_inputs_by_group(per_group=None)  # the check spreads up to 8 rows per group
     if only_group is not None:
         inputs = {only_group: inputs.get(only_group, [])}
     report = check_against_torch(session, result.graph_module, inputs, result.context.signature)
