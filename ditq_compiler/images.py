@@ -37,7 +37,8 @@ def save_grid(samples: torch.Tensor, path: str | Path, labels: list | None = Non
     picture = Image.fromarray(grid[..., 0] if channels == 1 else grid)
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     if labels is not None:
-        picture = _with_labels(picture, [str(label) for label in labels][:count], columns, height, width, pad, scale)
+        texts = [str(label) for label in labels][:count]
+        picture = _with_labels(picture, texts + [""] * (count - len(texts)), columns, height, width, pad, scale)
     picture.save(path)
 
 

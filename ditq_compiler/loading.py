@@ -74,7 +74,7 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None) -> Loaded
         family, model, config, digest = _load_diffusers_dir(model_dir, num_heads)
         scheduler_config = _load_scheduler_config(scheduler_dir) if scheduler_dir else \
             dict(family.default_scheduler_config)
-    elif path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
+    elif _is_the_weights_of_its_directory(path):
         # a diffusers model's weight file, with its config beside it: the model directory is meant
         return load_checkpoint(path.parent, num_heads=num_heads)
     elif path.suffix in (".pt", ".pth", ".ckpt", ".safetensors"):
@@ -92,6 +92,23 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None) -> Loaded
                             str(pipeline_dir) if pipeline_dir else None)
 
 
+def _is_the_weights_of_its_directory(path: Path) -> bool:
+    """``path`` is a ``.safetensors`` file beside a ``config.json`` of a model ditq takes, and loading that
+    directory reads exactly its weights (the only weight file there, or a shard of its index): then the user
+    meant the directory. Anything else (another config, a variant beside it) is not guessed."""
+    if path.suffix != ".safetensors" or not (path.parent / "config.json").is_file():
+        return False
+    try:
+        config = json.loads((path.parent / "config.json").read_text())
+        files = _weight_files(path.parent)
+    except (OSError, ValueError, CheckpointError):
+        return False
+    if not isinstance(config, dict) or config.get("_class_name") not in FAMILIES:
+        return False
+    indexed = any(path.parent.glob("*.safetensors.index.json"))
+    return path.resolve() in {f.resolve() for f in files} and (indexed or len(files) == 1)
+
+
 def refuse_diffusers_weights_without_config(path: Path) -> None:
     """A ``.safetensors`` file whose tensors carry diffusers' names (``transformer_blocks.0.attn1.to_q.weight``)
     is a diffusers model's weights without its ``config.json``, not an original checkpoint: say so in one line
@@ -106,9 +123,9 @@ def refuse_diffusers_weights_without_config(path: Path) -> None:
     except (SafetensorError, OSError, ValueError):
         return  # the loader reports a corrupt file
     if any(name.startswith(("transformer_blocks.", "pos_embed.", "time_text_embed.")) for name in names):
-        raise CheckpointError(f"{path} holds a diffusers model's weights (e.g. {names[0]}) but no config.json is "
-                              f"beside it; pass the model directory that holds its config.json and weights (or "
-                              f"the pipeline directory)")
+        raise CheckpointError(f"{path} holds a diffusers model's weights (e.g. {names[0]}), which load only with "
+                              f"their config.json; pass the model directory that holds its config.json and weights "
+                              f"(or the pipeline directory)")
 
 
 def _sha256_of(files: list[Path]) -> str:

@@ -204,7 +204,7 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
     from .exporters.lowering import lower
     from .passes.reconstruct import reconstruction_records
     from .progress import phase, timed_phases
-    from .staging import require_free_space
+    from .staging import require_free_space, writing_into
 
     check_output_dir(output_dir, force)  # refuse a user's directory before minutes of work, not after
     start = time.perf_counter()
@@ -227,28 +227,29 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
                             first_index=len(result.pass_manager.records) + 1)
         del model
         release_freed_memory()  # the exporter's model, replaced by the lowered one
-        written = write_and_check(lowered, target, lowered_layers, lowering_context, staging,
-                                  verify_fusion=result.context.config.verify_fusion,
-                                  integer_attention=attention_layers(result))
-        files, fusion = written.files, written.fusion
-        with phase("checking ONNX Runtime's numerics against the torch graph"):
-            numerics = check_numerics(staging / MODEL_FILE, result)
-            for group in range(len(lowered.group_models)):  # each group's own model on its own inputs
-                check_numerics(staging / group_model_file(group), result, only_group=group)
-        compile_log = {"compile_seconds": round(time.perf_counter() - start, 2),
-                       "phases": clock.to_log(),
-                       "passes": [{"name": r.name, "seconds": round(r.seconds, 3)}
-                                  for r in result.pass_manager.records]}
-        lowering = {**written.lowering, "passes": [pass_record(r) for r in lowered.records]}
-        compile_log["lowering"] = [{"name": r.name, "seconds": round(r.seconds, 3)} for r in lowered.records]
-        manifest = build_manifest(result, fusion, files)
-        reconstruction, reconstruction_log = reconstruction_records(result.pass_manager.passes)
-        if reconstruction is not None:  # errors in the manifest; time and peak memory in the compile log
-            manifest["reconstruction"] = {**manifest["reconstruction"], "report": reconstruction}
-            compile_log["reconstruction"] = reconstruction_log
-        manifest["layers"] = {key: record.to_manifest() for key, record in lowered_layers.items()}
-        write_manifest(staging, {**manifest, "lowering": lowering, "numerics": numerics_manifest(numerics)},
-                       compile_log)
+        with writing_into(output_dir):  # a full disk while writing is one line naming the artifact
+            written = write_and_check(lowered, target, lowered_layers, lowering_context, staging,
+                                      verify_fusion=result.context.config.verify_fusion,
+                                      integer_attention=attention_layers(result))
+            files, fusion = written.files, written.fusion
+            with phase("checking ONNX Runtime's numerics against the torch graph"):
+                numerics = check_numerics(staging / MODEL_FILE, result)
+                for group in range(len(lowered.group_models)):  # each group's own model on its own inputs
+                    check_numerics(staging / group_model_file(group), result, only_group=group)
+            compile_log = {"compile_seconds": round(time.perf_counter() - start, 2),
+                           "phases": clock.to_log(),
+                           "passes": [{"name": r.name, "seconds": round(r.seconds, 3)}
+                                      for r in result.pass_manager.records]}
+            lowering = {**written.lowering, "passes": [pass_record(r) for r in lowered.records]}
+            compile_log["lowering"] = [{"name": r.name, "seconds": round(r.seconds, 3)} for r in lowered.records]
+            manifest = build_manifest(result, fusion, files)
+            reconstruction, reconstruction_log = reconstruction_records(result.pass_manager.passes)
+            if reconstruction is not None:  # errors in the manifest; time and peak memory in the compile log
+                manifest["reconstruction"] = {**manifest["reconstruction"], "report": reconstruction}
+                compile_log["reconstruction"] = reconstruction_log
+            manifest["layers"] = {key: record.to_manifest() for key, record in lowered_layers.items()}
+            write_manifest(staging, {**manifest, "lowering": lowering, "numerics": numerics_manifest(numerics)},
+                           compile_log)
     return Artifact.load(output_dir), result
 
 

@@ -82,7 +82,8 @@ def phase(name: str) -> Iterator[None]:
     """Name the work that runs inside the block, for the heartbeat's lines (and the :class:`PhaseClock`
     of an enclosing :func:`timed_phases`)."""
     previous = _ACTIVITY.enter(name)
-    clock = _CLOCKS[-1] if _CLOCKS and threading.current_thread() is threading.main_thread() else None
+    clocks = _clocks()
+    clock = clocks[-1] if clocks else None
     row = clock.enter(name) if clock is not None else None
     try:
         yield
@@ -146,19 +147,25 @@ def phase_table(rows: list[dict], total: float) -> list[str]:
     return lines + [f"{'total':<{width}}  {total:8.2f}"]
 
 
-_CLOCKS: list[PhaseClock] = []
+_THREAD = threading.local()  # each thread's open clocks: a compile in a worker thread times its own phases
+
+
+def _clocks() -> list[PhaseClock]:
+    if not hasattr(_THREAD, "clocks"):
+        _THREAD.clocks = []
+    return _THREAD.clocks
 
 
 @contextmanager
 def timed_phases() -> Iterator[PhaseClock]:
-    """Time every :func:`phase` that starts in the block (on the main thread); yields the clock."""
+    """Time every :func:`phase` that starts in the block on this thread; yields the clock."""
     clock = PhaseClock()
-    _CLOCKS.append(clock)
+    _clocks().append(clock)
     try:
         yield clock
     finally:
         clock.total = time.perf_counter() - clock.start
-        _CLOCKS.remove(clock)
+        _clocks().remove(clock)
 
 
 def track(items: Iterable[T], *, total: int | None = None, description: str = "") -> Iterable[T]:

@@ -26,6 +26,7 @@ import torch
 from .artifact import MODEL_FILE, Artifact, staging_directory, write_manifest
 from .config import TARGETS
 from .errors import ConfigError
+from .staging import writing_into
 
 # The probe run: a short trajectory of the source artifact (its calibration guidance and seed).
 PROBE_STEPS = 8
@@ -69,27 +70,28 @@ def relower(source: str | Path, target: str, output_dir: str | Path, *, force: b
         with phase(f"lowering for the {target} target"):
             lowered = lower(raised.model, target, layers, context=context, dump_dir=dump_dir,
                             first_index=len(raised.records) + 1)
-        written = write_and_check(lowered, target, layers, context, staging)
-        files, fusion = written.files, written.fusion
-        with phase("comparing with the source artifact"):
-            numerics = _agreement_with_source(artifact, staging / MODEL_FILE, target, probe)
-        lowering = {**written.lowering,
-                    "raised_from": {"target": artifact.target,
-                                    "passes": [pass_record(r) for r in raised.records]},
-                    "passes": [pass_record(r) for r in lowered.records]}
-        new_manifest = {key: value for key, value in manifest.items()
-                        if key not in ("integrity", "manifest_sha256", "unhashed_files")}
-        new_manifest.update({
-            "target": target, "files": files, "fusion": fusion, "lowering": lowering, "numerics": numerics,
-            "layers": {key: record.to_manifest() for key, record in layers.items()},
-            "quantized_weights": {key: record.weight for key, record in layers.items()},
-            "relowered_from": {"path": str(artifact.path), "target": artifact.target,
-                               "manifest_sha256": manifest.get("manifest_sha256")},
-        })
-        compile_log = {"relower_seconds": round(time.perf_counter() - start, 2),
-                       "lowering": [{"name": r.name, "seconds": round(r.seconds, 3)}
-                                    for r in [*raised.records, *lowered.records]]}
-        write_manifest(staging, new_manifest, compile_log)
+        with writing_into(output_dir):
+            written = write_and_check(lowered, target, layers, context, staging)
+            files, fusion = written.files, written.fusion
+            with phase("comparing with the source artifact"):
+                numerics = _agreement_with_source(artifact, staging / MODEL_FILE, target, probe)
+            lowering = {**written.lowering,
+                        "raised_from": {"target": artifact.target,
+                                        "passes": [pass_record(r) for r in raised.records]},
+                        "passes": [pass_record(r) for r in lowered.records]}
+            new_manifest = {key: value for key, value in manifest.items()
+                            if key not in ("integrity", "manifest_sha256", "unhashed_files")}
+            new_manifest.update({
+                "target": target, "files": files, "fusion": fusion, "lowering": lowering, "numerics": numerics,
+                "layers": {key: record.to_manifest() for key, record in layers.items()},
+                "quantized_weights": {key: record.weight for key, record in layers.items()},
+                "relowered_from": {"path": str(artifact.path), "target": artifact.target,
+                                   "manifest_sha256": manifest.get("manifest_sha256")},
+            })
+            compile_log = {"relower_seconds": round(time.perf_counter() - start, 2),
+                           "lowering": [{"name": r.name, "seconds": round(r.seconds, 3)}
+                                        for r in [*raised.records, *lowered.records]]}
+            write_manifest(staging, new_manifest, compile_log)
     return Artifact.load(output_dir)
 
 

@@ -118,13 +118,15 @@ def staging_directory(destination: str | Path, *, force: bool = False) -> Iterat
     Opened before the long work, it is the compile's reservation of ``destination``: a mount point, a parent
     that cannot be created or written, and a destination another live compile is writing are refused here, in
     one line, not after minutes of calibration. Parent directories it created are removed again on failure.
-    ``OSError`` raised while writing becomes a one-line :class:`WriteError`.
+    ``OSError`` raised while making, syncing or renaming it becomes a one-line :class:`WriteError`; the caller
+    translates its own writes into the directory with :func:`writing_into` (an ``OSError`` of the work itself,
+    such as an unreadable checkpoint, is not about ``-o`` and passes through as it is).
     """
     destination = check_output_dir(destination, force)
     refuse_mount_point(destination)
     created: list[Path] = []
     try:
-        created = _make_parents(destination.parent)
+        _make_parents(destination.parent, created)
         recover_interrupted_replace(destination)
         remove_stale_staging(destination)
         staging, lock = _create_locked_staging(destination)
@@ -134,20 +136,30 @@ def staging_directory(destination: str | Path, *, force: bool = False) -> Iterat
     replaced = False
     try:
         refuse_concurrent_writer(destination, staging)
-        try:
-            yield staging
+        yield staging
+        with writing_into(destination):
             _sync_tree(staging)
             check_output_dir(destination, force)  # someone may have put files there while we compiled
             _replace(staging, destination)
-            replaced = True
-        except OSError as exc:
-            raise write_error(exc, f"the artifact {destination}") from None
+        replaced = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # the new artifact's old place, or the old artifact
         if lock is not None:
             os.close(lock)
         if not replaced:
             _remove_created(created)
+
+
+@contextmanager
+def writing_into(destination: Path) -> Iterator[None]:
+    """Around the writes of an artifact's files: an ``OSError`` (a full disk, a file-size limit) becomes one
+    :class:`WriteError` line naming the artifact; a ``WriteError`` already said so and passes as it is."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise write_error(exc, f"the artifact {destination}") from None
 
 
 def refuse_mount_point(destination: Path) -> None:
@@ -163,7 +175,10 @@ def refuse_concurrent_writer(destination: Path, ours: Path) -> None:
     """Another live compile's staging directory for the same destination (one whose lock is held): refuse,
     so that two compiles to one ``-o`` cannot both report success while the later silently wins. Checked
     after our own staging directory is locked, so of two compiles that start at the same moment at least one
-    sees the other (both may refuse; neither overwrites the other)."""
+    sees the other (both may refuse; neither overwrites the other). Without ``flock`` (Windows) liveness is a
+    day's age, which would block an ``-o`` a killed compile used, so nothing is refused there."""
+    if fcntl is None:
+        return
     for path in leftovers(destination):
         if path == ours or ".tmp-" not in path.name:
             continue
@@ -185,8 +200,9 @@ def require_free_space(directory: Path, needed_bytes: int, what: str) -> None:
                          f"it needs at least {needed_bytes / 1e6:.1f} MB; free space or choose another -o")
 
 
-def _make_parents(directory: Path) -> list[Path]:
-    """``mkdir -p directory``; returns the directories it created, outermost first."""
+def _make_parents(directory: Path, created: list[Path]) -> None:
+    """``mkdir -p directory``, appending to ``created`` (outermost first) each directory this call made: on a
+    failure part way, the caller still knows what to remove; one another process made meanwhile is not ours."""
     missing = []
     for path in [directory, *directory.parents]:
         if path.exists():
@@ -196,8 +212,8 @@ def _make_parents(directory: Path) -> list[Path]:
         try:
             os.mkdir(path, 0o777)
         except FileExistsError:
-            pass
-    return list(reversed(missing))
+            continue
+        created.append(path)
 
 
 def _remove_created(created: list[Path]) -> None:
@@ -223,8 +239,17 @@ def _create_locked_staging(destination: Path) -> tuple[Path, int | None]:
             continue
         if fcntl is None:  # no flock (Windows): liveness is the directory's age, nothing to hold
             return staging, None
-        fd = os.open(staging, os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fd = os.open(staging, os.O_RDONLY)
+        except OSError:
+            os.rmdir(staging)
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock: nothing of ours may stay behind
+            os.close(fd)
+            os.rmdir(staging)
+            raise
         if _is_same_directory(fd, staging):
             return staging, fd
         os.close(fd)

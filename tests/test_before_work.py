@@ -36,7 +36,7 @@ def calibration_calls(monkeypatch) -> list[int]:
         return original(self, gm, ctx)
 
     monkeypatch.setattr(CollectActivationStats, "run", recorded)
-    monkeypatch.setenv("DITQ_PROGRESS_SECONDS", "0.05")  # any work that started would print a line
+    monkeypatch.delenv("DITQ_PROGRESS_SECONDS", raising=False)  # the default: a refusal stays one line
     return calls
 
 
@@ -88,10 +88,25 @@ def test_a_full_disk_is_refused_before_calibration_and_keeps_the_old_artifact(co
                         lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     for target in (existing, nested):
         line = _refused(capsys, ["compile", str(tiny_dit_dir), "-o", str(target), *FAST], calibration_calls)
-        assert "not enough free disk space" in line and "0.0 MB free" in line and "choose another -o" in line
+        assert line.startswith("ditq compile: error: not enough free disk space for the artifact")
+        assert "0.0 MB free" in line and "choose another -o" in line
     assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
     assert not (tmp_path / "new").exists(), "the parents a failed compile created are removed again"
     assert staging_module.leftovers(existing) == []
+
+
+def test_an_error_of_the_work_itself_is_not_blamed_on_the_output(tiny_dit_dir, tmp_path, capsys, monkeypatch):
+    """The staging directory is open for the whole compile; an OSError of the work (here: a checkpoint that cannot
+    be read) is reported as what it is, not as "cannot write the artifact ... choose a writable -o"."""
+    from ditq_compiler import pipeline
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tiny_dit_dir / "config.json"))
+
+    monkeypatch.setattr(pipeline, "load_checkpoint", unreadable)
+    with pytest.raises(PermissionError):
+        main(["compile", str(tiny_dit_dir), "-o", str(tmp_path / "art"), *FAST])
+    assert not (tmp_path / "art").exists() and staging_module.leftovers(tmp_path / "art") == []
 
 
 def test_a_mount_point_is_refused_before_loading(tiny_dit_dir, tmp_path, calibration_calls, capsys, monkeypatch):
@@ -162,7 +177,7 @@ def test_inspect_writes_the_phase_table_into_its_dump(tiny_dit_dir, tmp_path):
 def test_the_batched_numeric_check_compares_the_same_rows_and_still_refuses_a_wrong_model(compiled_tiny,
                                                                                            monkeypatch):
     """Batching the rows leaves the agreement the check measures unchanged (to float rounding: 1e-6 of the output
-    range), and a model that computes something else is still caught."""
+    range) and its verdict the same, and a model that computes something else is still caught."""
     import numpy as np
 
     from ditq_compiler import numerics
@@ -179,8 +194,10 @@ def test_the_batched_numeric_check_compares_the_same_rows_and_still_refuses_a_wr
     for group, check in batched.per_group.items():
         other = one_by_one.per_group[group]
         assert check.timesteps == other.timesteps
-        assert abs(check.agreement.max_error - other.agreement.max_error) <= 1e-6 + 0.5 * other.agreement.max_error
-        assert check.agreement.within(other.tolerance)
+        assert abs(check.agreement.max_error - other.agreement.max_error) <= 1e-6
+        assert abs(check.agreement.rel_l2 - other.agreement.rel_l2) <= 1e-6
+        # the sensitivity is a random draw (noise seeded per batch), so only its verdict must be the same
+        assert check.sensitivity.rel_l2 > 0 and other.sensitivity.rel_l2 > 0 and check.ok == other.ok
 
     class Wrong:  # ONNX Runtime's output, off by 5% of every value
         def run(self, names, feeds):
@@ -189,3 +206,16 @@ def test_the_batched_numeric_check_compares_the_same_rows_and_still_refuses_a_wr
     monkeypatch.setattr(numerics, "BATCH_ROWS", 8)
     wrong = numerics.check_against_torch(Wrong(), result.graph_module, inputs, signature)
     assert not wrong.ok
+
+
+def test_the_command_line_answers_help_and_argument_errors_without_importing_torch():
+    """``ditq --help`` and an argument error must not pay for torch's import (seconds on a busy machine)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom ditq_compiler.cli import main\n"
+             "for argv in (['--help'], ['compile', '--help'], ['compile', '--format', 'w8a8']):\n"
+             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "print('torch' in sys.modules, 'onnxruntime' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "False False", done.stdout + done.stderr

@@ -444,6 +444,11 @@ def test_only_ditqs_own_stale_leftovers_are_removed(tmp_path):
         assert not path.exists(), path
     for path in (live, users, other_target, wrong_name):
         assert path.exists(), path
+    with staging_directory(tmp_path / "art") as staging:  # the live compile died: its directory is stale now
+        (staging / "model.onnx").write_bytes(b"new")
+    assert (tmp_path / "art" / "model.onnx").read_bytes() == b"new" and not live.exists()
+    for path in (users, other_target, wrong_name):
+        assert path.exists(), path
     assert (users / "notes.txt").read_bytes() == b"mine"
 
 
