@@ -79,7 +79,6 @@ def load_checkpoint(path: str | Path, *, num_heads: int | None = None) -> Loaded
         return load_checkpoint(path.parent, num_heads=num_heads)
     elif path.suffix in (".pt", ".pth", ".ckpt", ".safetensors"):
         pipeline_dir = None
-        refuse_diffusers_weights_without_config(path)
         family = next(f for f in FAMILIES.values() if f.loads_original_checkpoints)
         model, config, digest = family.load_original(path, num_heads=num_heads)
         scheduler_config = dict(family.default_scheduler_config)
@@ -107,25 +106,6 @@ def _is_the_weights_of_its_directory(path: Path) -> bool:
         return False
     indexed = any(path.parent.glob("*.safetensors.index.json"))
     return path.resolve() in {f.resolve() for f in files} and (indexed or len(files) == 1)
-
-
-def refuse_diffusers_weights_without_config(path: Path) -> None:
-    """A ``.safetensors`` file whose tensors carry diffusers' names (``transformer_blocks.0.attn1.to_q.weight``)
-    is a diffusers model's weights without its ``config.json``, not an original checkpoint: say so in one line
-    instead of an error about the original format's names. Reads only the file's header."""
-    if path.suffix != ".safetensors":
-        return
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            names = list(handle.keys())
-    except (SafetensorError, OSError, ValueError):
-        return  # the loader reports a corrupt file
-    if any(name.startswith(("transformer_blocks.", "pos_embed.", "time_text_embed.")) for name in names):
-        raise CheckpointError(f"{path} holds a diffusers model's weights (e.g. {names[0]}), which load only with "
-                              f"their config.json; pass the model directory that holds its config.json and weights "
-                              f"(or the pipeline directory)")
 
 
 def _sha256_of(files: list[Path]) -> str:

@@ -45,6 +45,11 @@ def load_original_dit(file: Path, *, num_heads: int | None = None) -> tuple[torc
     from .dit import DIT
 
     state, train_args = read_original_checkpoint(file)
+    diffusers_names = [k for k in state if k.startswith(("transformer_blocks.", "pos_embed."))]
+    if diffusers_names and "x_embedder.proj.weight" not in state:  # a diffusers model's weights, not an original
+        raise CheckpointError(f"{file} holds a diffusers model's weights (e.g. {diffusers_names[0]}), which load only "
+                              "with their config.json; pass the model directory that holds its config.json and "
+                              "weights (or the pipeline directory)")
     if "x_embedder.proj.weight" not in state or not any(k.startswith("blocks.") for k in state):
         raise CheckpointError(
             f"{file} is not an original DiT state dict (no x_embedder.proj.weight / blocks.N.*)"
