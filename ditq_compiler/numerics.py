@@ -140,7 +140,7 @@ def check_against_torch(session, module, inputs_by_group: dict[int, list[tuple[t
 
     The rows of a group run as batches of up to ``BATCH_ROWS`` (all three computations see the same batch, so
     what is compared is unchanged): the perturbed run interprets the graph node by node in Python, a cost per
-    node that a batch pays once instead of once per row (DiT-XL/2: most of a compile's time before)."""
+    node that a batch pays once instead of once per row (on DiT-XL/2 the check was the longest phase before)."""
     timestep_at = signature.index("timestep")
     per_group = {}
     branches = module.graph_modules() if hasattr(module, "graph_modules") else [module]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,18 +198,17 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
                         dump_dir: str | Path | None = None, force: bool = False) -> tuple[Artifact, CompileResult]:
     """:func:`compile`, also returning the pipeline's result (the torch fake-quant graph the artifact was
     exported from, its context and pass records)."""
-    from .artifact import check_output_dir, group_model_file, write_manifest
+    from .artifact import group_model_file, write_manifest
     from .exporters import export_onnx
     from .exporters.lowering import lower
     from .passes.reconstruct import reconstruction_records
     from .progress import phase, timed_phases
     from .staging import require_free_space, writing_into
 
-    check_output_dir(output_dir, force)  # refuse a user's directory before minutes of work, not after
-    start = time.perf_counter()
     instruments = [DumpInstrument(dump_dir)] if dump_dir else []
-    # The staging directory is made (and locked) first: an -o that cannot be written, a mount point and a
-    # second compile to the same -o are refused before loading; too little free disk right after loading.
+    # The staging directory is made (and locked) first: a user's directory (without --force), an -o that cannot
+    # be written, a mount point and a second compile to the same -o are refused before loading; too little free
+    # disk right after loading.
     with timed_phases() as clock, staging_directory(output_dir, force=force) as staging:
         def reserve_space(loaded: LoadedCheckpoint, config: CompileConfig) -> None:
             require_free_space(staging, expected_artifact_bytes(loaded.model, config), f"the artifact {output_dir}")
@@ -236,7 +234,7 @@ def compile_with_result(checkpoint: str | Path, output_dir: str | Path, config: 
                 numerics = check_numerics(staging / MODEL_FILE, result)
                 for group in range(len(lowered.group_models)):  # each group's own model on its own inputs
                     check_numerics(staging / group_model_file(group), result, only_group=group)
-            compile_log = {"compile_seconds": round(time.perf_counter() - start, 2),
+            compile_log = {"compile_seconds": round(clock.elapsed(), 2),
                            "phases": clock.to_log(),
                            "passes": [{"name": r.name, "seconds": round(r.seconds, 3)}
                                       for r in result.pass_manager.records]}

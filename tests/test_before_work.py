@@ -150,8 +150,9 @@ def test_every_compile_logs_and_prints_its_phase_table(compiled_tiny, tiny_dit_d
     assert [row["name"][len("pass "):] for row in passes] == [p["name"] for p in log["passes"]]
     passes_phase = next(row["seconds"] for row in rows if row["name"] == "quantization passes")
     assert sum(row["seconds"] for row in passes) <= passes_phase + 0.01
-    top = sum(row["seconds"] for row in rows if row["depth"] == 0)
-    assert abs(top - log["compile_seconds"]) <= 0.05 * log["compile_seconds"] + 0.1, (top, log["compile_seconds"])
+    named = sum(row["seconds"] for row in rows if row["depth"] == 0 and row["name"] != "other")
+    other = next(row["seconds"] for row in rows if row["name"] == "other")
+    assert named <= log["compile_seconds"] + 0.01 and other < 0.5 * log["compile_seconds"], (named, other, log)
 
     assert main(["compile", str(tiny_dit_dir), "-o", str(tmp_path / "art"), *FAST]) == 0
     captured = capsys.readouterr()
